@@ -1,0 +1,126 @@
+"""The MoE decoder: layer spec and a TransformerBlock that adds DeepStack visual features after layers 0..n-1."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.utils import make_viewless_tensor
+
+from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Norm, Qwen3VLRouter, SDPAttention
+
+
+def language_layer_spec() -> ModuleSpec:
+    """Local spec of one decoder layer: RMSNorm, GQA self-attention with per-head q/k RMSNorm, MoE MLP.
+
+    Runs everywhere (CPU included). Transformer Engine's fused layers are a later fast path; they change the
+    parameter names (fused norms into linears), which the mapping table would then follow.
+    """
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=Norm,
+                    k_layernorm=Norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=partial(MoELayer, submodules=MoESubmodules(experts=GroupedExperts, router=Qwen3VLRouter)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+@dataclass
+class VisualScatter:
+    """Where this rank's slice of the sequence holds visual tokens, and which feature row goes to each.
+
+    `rows` [s_local, b] holds, at each visual token of this rank's sequence slice, the index of its feature in
+    the visual features (ordered as transformers orders them: batch-major, then position), and -1 elsewhere.
+    Built once per forward from the full [b, s] mask; under sequence parallelism each rank keeps its own
+    slice, so no rank ever gathers the whole sequence of hidden states.
+    """
+
+    rows: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, visual_mask: torch.Tensor, *, sp_rank: int = 0, sp_size: int = 1) -> "VisualScatter":
+        b, s = visual_mask.shape
+        order = torch.cumsum(visual_mask.reshape(-1).long(), 0).reshape(b, s) - 1
+        rows = torch.where(visual_mask, order, torch.full_like(order, -1)).transpose(0, 1)  # [s, b]
+        chunk = s // sp_size
+        return cls(rows[sp_rank * chunk:(sp_rank + 1) * chunk].contiguous())
+
+    def replace(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """hidden [s_local, b, h] with the visual positions replaced by their features."""
+        where = self.rows >= 0
+        return hidden.index_put((where,), features[self.rows[where]].to(hidden.dtype))
+
+    def add(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """hidden [s_local, b, h] plus the features at the visual positions (DeepStack)."""
+        where = self.rows >= 0
+        return hidden.index_put((where,), features[self.rows[where]].to(hidden.dtype), accumulate=True)
+
+
+@dataclass
+class DeepStackInputs:
+    """DeepStack features (one [n_visual, h] tensor per target layer) and where they go."""
+
+    features: list[torch.Tensor]
+    scatter: VisualScatter
+
+
+class DeepStackTransformerBlock(TransformerBlock):
+    """megatron's TransformerBlock whose forward adds DeepStack features after global layers 0..n-1.
+
+    The loop is ours (megatron's block has no per-layer hook); everything else (layers, final norm, sharded
+    state dict, PP offsets) is megatron's. Full activation recompute checkpoints each layer.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, padding_mask=None,
+                deepstack: DeepStackInputs | None = None, **unused):
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        pp_group = getattr(self.pg_collection, "pp", None)
+        offset = get_transformer_layer_offset(self.config, self.vp_stage, pp_group.rank() if pp_group else 0)
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        recompute = self.config.recompute_granularity == "full" and self.training
+        with rng:
+            for local_index, layer in enumerate(self.layers):
+                def run(h, layer=layer):
+                    return layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                 padding_mask=padding_mask)[0]
+
+                if recompute:
+                    hidden_states = tensor_parallel.checkpoint(run, False, hidden_states)
+                else:
+                    hidden_states = run(hidden_states)
+                layer_index = local_index + offset
+                if deepstack is not None and layer_index < len(deepstack.features):
+                    hidden_states = deepstack.scatter.add(hidden_states, deepstack.features[layer_index])
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+            hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+        if not self.pre_process and len(self.layers) == 0 and self.final_layernorm is None:
+            hidden_states = hidden_states.clone()
+        return hidden_states

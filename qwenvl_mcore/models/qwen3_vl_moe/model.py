@@ -1,0 +1,296 @@
+"""Qwen3-VL MoE on megatron-core: embeddings with visual features scattered in, MRoPE, the MoE decoder with
+DeepStack, the LM head and the loss. One instance is one pipeline stage (the ViT lives on the first)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from qwenvl_mcore.models.qwen3_vl_moe.config import (
+    Qwen3VLMoeArgs,
+    language_transformer_config,
+    vision_transformer_config,
+)
+from qwenvl_mcore.models.qwen3_vl_moe.language import (
+    DeepStackInputs,
+    DeepStackTransformerBlock,
+    VisualScatter,
+    language_layer_spec,
+)
+from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm, Qwen3VLRouter
+from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index
+from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
+from qwenvl_mcore.parallel.layout import ParallelLayout
+
+IGNORE_INDEX = -100
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `output` whose backward also sends d(loss)/d(aux) = `scale` into `aux` (so the aux loss trains
+    the routers of this pipeline stage without being added to the last stage's loss)."""
+
+    @staticmethod
+    def forward(ctx, output, aux, scale: float):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux, ctx.scale), None
+
+
+@dataclass
+class MultimodalInputs:
+    """One micro-batch as the model takes it (transformers' names; all batch-first)."""
+
+    input_ids: torch.Tensor  # [b, s]
+    attention_mask: torch.Tensor | None = None  # [b, s], 1 = real token
+    position_ids: torch.Tensor | None = None  # [3, b, s]; computed from the ids and grids when None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # [b, s] next-token targets aligned with positions (see shift_labels)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """transformers-style labels (target of position t is labels[t+1]) -> aligned targets, -100 at the end."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
+class Qwen3VLMoeModel(MegatronModule):
+    """One pipeline stage of Qwen3-VL MoE.
+
+    forward() returns, on the last stage, per-token losses [b, s] (fp32, 0 where the label is ignored) when
+    labels are given, else logits [b, s, vocab/tp]; on other stages the hidden states [s(/tp), b, h] for the
+    next stage. The load-balancing loss (transformers' formula) of this stage's routers is attached to the
+    gradient with weight `aux_loss_coeff * aux_loss_scale`; its value is kept in `last_aux_loss`.
+    """
+
+    def __init__(self, args: Qwen3VLMoeArgs, layout: ParallelLayout, *, dtype: torch.dtype = torch.float32,
+                 vp_stage: int | None = None, aux_loss_coeff: float | None = None, **config_overrides):
+        config = language_transformer_config(args, layout, dtype=dtype, **config_overrides)
+        super().__init__(config=config)
+        layout.validate(model=args)
+        self.args, self.layout = args, layout
+        self.vp_stage = vp_stage
+        self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.aux_loss_coeff = args.text.router_aux_loss_coef if aux_loss_coeff is None else aux_loss_coeff
+        self.aux_loss_scale = 1.0
+        self.last_aux_loss: torch.Tensor | None = None
+        self.share_embeddings_and_output_weights = args.tie_word_embeddings
+        if args.tie_word_embeddings and layout.pp > 1:
+            raise ValueError("tie_word_embeddings=true with pipeline parallelism is not supported; use parallel.pp=1.")
+        t = args.text
+        if self.pre_process:
+            self.embedding = VocabParallelEmbedding(
+                t.vocab_size, t.hidden_size, init_method=config.init_method,
+                reduce_scatter_embeddings=config.sequence_parallel, config=config,
+            )
+            self.vision = VisionModel(args, vision_transformer_config(args, layout, dtype=dtype))
+        self.rotary = MRotaryEmbedding(t.head_dim, t.rope_theta, t.mrope_section, interleaved=t.mrope_interleaved)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        n_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        self.decoder = DeepStackTransformerBlock(
+            config=config,
+            spec=TransformerBlockSubmodules(layer_specs=[language_layer_spec()] * n_layers, layer_norm=Norm),
+            pre_process=self.pre_process, post_process=self.post_process, vp_stage=vp_stage,
+        )
+        if self.post_process:
+            self.output_layer = ColumnParallelLinear(
+                t.hidden_size, t.vocab_size, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
+            )
+
+    # -- megatron pipeline hooks -------------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        if self.pre_process:
+            return self.embedding.weight
+        if self.post_process:
+            return self.output_layer.weight
+        return None
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def _routers(self) -> list[Qwen3VLRouter]:
+        return [layer.mlp.router for layer in self.decoder.layers]
+
+    def position_ids(self, batch: MultimodalInputs) -> torch.Tensor:
+        """MRoPE position ids [3, b, s] as transformers' get_rope_index computes them."""
+        if batch.position_ids is not None:
+            return batch.position_ids
+        a = self.args
+        position_ids, _ = get_rope_index(
+            batch.input_ids, batch.image_grid_thw, batch.video_grid_thw, batch.attention_mask,
+            image_token_id=a.image_token_id, video_token_id=a.video_token_id,
+            vision_start_token_id=a.vision_start_token_id, spatial_merge_size=a.vision.spatial_merge_size,
+        )
+        return position_ids
+
+    def _visual_features(self, batch: MultimodalInputs):
+        """ViT features of the images then videos in token order: (merged [n, h], deepstack list) or None."""
+        ids = batch.input_ids
+        image_mask, video_mask = ids == self.args.image_token_id, ids == self.args.video_token_id
+        parts = []
+        for pixels, grid, mask, what in (
+            (batch.pixel_values, batch.image_grid_thw, image_mask, "image"),
+            (batch.pixel_values_videos, batch.video_grid_thw, video_mask, "video"),
+        ):
+            n_tokens = int(mask.sum())
+            if pixels is None:
+                if n_tokens:
+                    raise ValueError(f"{n_tokens} {what} placeholder tokens but no {what} pixels were given.")
+                continue
+            merged, deepstack = self.vision(pixels, grid)
+            if merged.shape[0] != n_tokens:
+                raise ValueError(
+                    f"{what} features and placeholder tokens do not match: {merged.shape[0]} features for "
+                    f"{n_tokens} tokens (grid_thw={grid.tolist()})."
+                )
+            parts.append((mask, merged, deepstack))
+        if not parts:
+            return None
+        visual_mask = image_mask | video_mask
+        n_visual = int(visual_mask.sum())
+        n_deep = len(self.args.vision.deepstack_visual_indexes)
+        # Features in visual-token order (batch-major), images and videos interleaved as their tokens are.
+        merged = parts[0][1].new_empty(n_visual, parts[0][1].shape[-1])
+        deep = [merged.new_empty(merged.shape) for _ in range(n_deep)]
+        for mask, m, ds in parts:
+            sel = mask[visual_mask]
+            merged = merged.index_put((sel,), m)
+            deep = [d.index_put((sel,), f) for d, f in zip(deep, ds)]
+        return visual_mask, merged, deep
+
+    def _attention_mask(self, attention_mask: torch.Tensor | None, s: int) -> torch.Tensor | None:
+        """Causal + key-padding mask [b, 1, s, s] (True = masked), or None for plain causal attention."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        valid = attention_mask.bool()
+        causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+        allowed = causal[None] & valid[:, None, :]
+        # A query that may attend to nothing (left padding) attends to itself, so softmax stays finite.
+        allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)[None]
+        return ~allowed[:, None]
+
+    def forward(self, batch: MultimodalInputs) -> torch.Tensor:
+        tp = self.config.tensor_model_parallel_size
+        sp = self.config.sequence_parallel
+        b, s_orig = batch.input_ids.shape
+        batch = _pad_to_multiple(batch, tp if sp else 1)
+        s = batch.input_ids.shape[1]
+        position_ids = self.position_ids(batch)
+        rotary = self.rotary(position_ids)
+        attention_mask = self._attention_mask(batch.attention_mask, s)
+        padding_mask = None if batch.attention_mask is None else ~batch.attention_mask.bool()
+        if padding_mask is not None and sp:
+            chunk = s // tp
+            r = self.tp_group.rank()
+            padding_mask = padding_mask[:, r * chunk:(r + 1) * chunk]
+
+        deepstack = None
+        if self.pre_process:
+            hidden = self.embedding(batch.input_ids)  # [s/tp, b, h] under SP, else [b, s, h]
+            if not sp:
+                hidden = hidden.transpose(0, 1).contiguous()
+            visual = self._visual_features(batch)
+            if visual is not None:
+                visual_mask, merged, deep = visual
+                scatter = VisualScatter.from_mask(
+                    visual_mask, sp_rank=self.tp_group.rank() if sp else 0, sp_size=tp if sp else 1)
+                hidden = scatter.replace(hidden, merged)
+                deepstack = DeepStackInputs(deep, scatter)
+        else:
+            hidden = None
+
+        routers = self._routers()
+        for r in routers:
+            r.record_stats = self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled()
+        hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                              padding_mask=padding_mask, deepstack=deepstack)
+        hidden = self._attach_aux_loss(hidden, routers)
+
+        if not self.post_process:
+            return hidden
+        weight = self.embedding.weight if (self.share_embeddings_and_output_weights and self.pre_process) else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/tp]
+        logits = logits[:s_orig]
+        if batch.labels is None:
+            return logits.transpose(0, 1).contiguous()
+        labels = batch.labels[:, :s_orig]
+        target = labels.transpose(0, 1).contiguous()
+        ignore = target == IGNORE_INDEX
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
+        return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
+
+    def _attach_aux_loss(self, hidden: torch.Tensor, routers: list[Qwen3VLRouter]) -> torch.Tensor:
+        stats = [r.stats for r in routers if r.stats is not None]
+        for r in routers:
+            r.stats, r.record_stats = None, False
+        if not stats:
+            self.last_aux_loss = None
+            return hidden
+        aux = load_balancing_loss(stats, num_experts=self.args.text.num_experts,
+                                  group=self.tp_group if self.config.sequence_parallel else None)
+        self.last_aux_loss = aux.detach()
+        return _AttachAuxLoss.apply(hidden, aux, float(self.aux_loss_coeff * self.aux_loss_scale))
+
+
+def load_balancing_loss(stats, *, num_experts: int, group=None) -> torch.Tensor:
+    """transformers' load_balancing_loss_func over the given layers' router statistics.
+
+    loss = E * sum_e f_e * P_e with f_e the fraction of (layer, token) top-k assignments to expert e and P_e the
+    mean router probability of e, both over all layers and valid tokens together. Under sequence parallelism
+    each rank holds a slice of the tokens: counts are summed over `group`, and the returned value is this rank's
+    share (its own tokens' probabilities), so that the shares sum to the loss and each rank's gradient reaches
+    exactly its own tokens.
+    """
+    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
+    counts = torch.stack([s.counts for s in stats]).sum(0)
+    tokens = torch.stack([s.tokens for s in stats]).sum()
+    if group is not None and dist.get_world_size(group) > 1:
+        packed = torch.cat([counts, tokens.reshape(1)])
+        dist.all_reduce(packed, group=group)
+        counts, tokens = packed[:-1], packed[-1]
+    tokens = tokens.clamp_min(1.0)
+    return num_experts * torch.sum((counts / tokens) * (prob_sum / tokens))
+
+
+def _pad_to_multiple(batch: MultimodalInputs, multiple: int) -> MultimodalInputs:
+    """Right-pad the sequence to a multiple of `multiple` (sequence parallelism splits it evenly).
+
+    Padding sits after every real token, so causal attention keeps it invisible to them; its labels are ignored.
+    """
+    s = batch.input_ids.shape[1]
+    pad = (-s) % multiple
+    if pad == 0:
+        return batch
+    def right(t, value):
+        return None if t is None else torch.nn.functional.pad(t, (0, pad), value=value)
+    position_ids = batch.position_ids
+    if position_ids is not None:
+        position_ids = torch.cat([position_ids, position_ids[..., -1:].expand(-1, -1, pad)], dim=-1)
+    attention_mask = batch.attention_mask
+    if attention_mask is not None:
+        attention_mask = right(attention_mask, 0)
+    return MultimodalInputs(
+        input_ids=right(batch.input_ids, 0), attention_mask=attention_mask, position_ids=position_ids,
+        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+        pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
+        labels=right(batch.labels, IGNORE_INDEX),
+    )

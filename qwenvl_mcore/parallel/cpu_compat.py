@@ -1,0 +1,127 @@
+"""The only place where megatron-core is adapted to run without a GPU (CPU + gloo), for tests and CI.
+
+megatron-core 0.19.2 assumes CUDA on a few default code paths. `apply()` installs the smallest fixes, and only
+when no GPU is present; on a GPU machine it does nothing. Each fix names the megatron call it covers (see
+../shared/notes/megatron-core-on-cpu.md); each of these belongs upstream in megatron-core itself.
+
+1. RNG tracker (tensor_parallel/random.py, `CudaRNGStatesTracker.add/fork`, `model_parallel_cuda_manual_seed`):
+   reads and writes CUDA generator states. Replaced by a tracker that keeps CPU generator states.
+2. Literal CUDA devices (`device="cuda"`, `device=torch.cuda.current_device()`, `.cuda()`) in the pipeline
+   schedules and p2p communication: a TorchFunctionMode maps them to the CPU, and `torch.cuda.current_device`
+   answers "cpu". Not active inside autograd's backward of megatron's custom functions, so those must not
+   create tensors on an integer device (none on the paths we use does).
+Everything else that would need CUDA is avoided by design rather than patched: the model uses its own SDPA core
+attention (no `get_default_causal_mask`), its own rotary embedding, its own norms (sequence-parallel aware), its
+own router (no weight move to the GPU in `Router.gating`), and the allgather token dispatcher on the CPU
+(`MoEAlltoAllTokenDispatcher` creates a `torch.cuda.Stream`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+_DEVICE_MODE: TorchFunctionMode | None = None
+
+
+def needed() -> bool:
+    """True when no usable CUDA device is present."""
+    return not torch.cuda.is_available()
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's CudaRNGStatesTracker that forks the CPU generator instead of the CUDA one."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _to_cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps tensor creation on a CUDA device (and `.cuda()`) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if func is torch.Tensor.to and args and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def apply() -> bool:
+    """Install the fixes when no GPU is present (idempotent). Returns True when they are active."""
+    global _APPLIED, _DEVICE_MODE
+    if _APPLIED:
+        return True
+    if not needed():
+        return False
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, which is queued lazily and harmless without
+    # a GPU; the tracker's own `add` seeds the CPU generators.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    _DEVICE_MODE = _CudaToCpuMode()
+    _DEVICE_MODE.__enter__()
+    _APPLIED = True
+    return True

@@ -1,0 +1,61 @@
+"""Start torch.distributed and megatron's parallel state from a validated ParallelLayout."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from qwenvl_mcore.parallel import cpu_compat
+from qwenvl_mcore.parallel.layout import ParallelLayout
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its local GPU, or the CPU when there is none."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 600) -> None:
+    """Start the process group (nccl on GPU, gloo on CPU) and megatron's parallel state for `layout`.
+
+    Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our test launcher) when the process group is not
+    started yet. The layout is validated against the world size first.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        cpu_compat.apply()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    layout.validate(world_size=dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel state and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

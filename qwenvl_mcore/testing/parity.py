@@ -110,11 +110,10 @@ def compare_gradients(model, hf_model, batch, ctx: Context, *, aux_coef: float =
     model.zero_grad(set_to_none=True)
     hf_model.zero_grad(set_to_none=True)
     model.aux_loss_coeff = aux_coef
+    hf_model.config.text_config.router_aux_loss_coef = aux_coef
+    # transformers adds coef * load_balancing_loss to its loss when the router logits are output.
     ref = hf_forward(hf_model, batch, aux=aux_coef > 0)
-    hf_loss = ref.loss if aux_coef == 0 else ref.loss  # transformers adds coef * aux itself when routers are output
-    if aux_coef > 0:
-        hf_model.config.text_config.router_aux_loss_coef = aux_coef
-    hf_loss.backward()
+    ref.loss.backward()
     inputs = to_inputs(batch)
     per_token = model(inputs)
     n = (inputs.labels != IGNORE_INDEX).sum()
@@ -133,10 +132,16 @@ def compare_gradients(model, hf_model, batch, ctx: Context, *, aux_coef: float =
         rel = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
         if rel > worst or math.isnan(rel):
             worst, worst_name = rel, name
+    aux_diff = None
+    if aux_coef > 0:
+        aux = model.last_aux_loss.clone()
+        if model.config.sequence_parallel:
+            dist.all_reduce(aux, group=tp_group)  # each TP rank holds its tokens' share
+        aux_diff = abs(aux.item() - ref.aux_loss.item())
     model.eval()
     hf_model.eval()
     return {"max_rel_grad_diff": worst, "worst_param": worst_name, "compared": len(ours), "missing": missing,
-            "aux_loss": None if model.last_aux_loss is None else model.last_aux_loss.item()}
+            "aux_loss_diff": aux_diff}
 
 
 def start(layout: ParallelLayout, seed: int = 1234) -> None:

@@ -211,6 +211,11 @@ class Qwen3VLMoeModel(MegatronModule):
             visual = self._visual_features(batch)
             if visual is not None:
                 visual_mask, merged, deep = visual
+                if sp:
+                    # Every TP rank ran the whole ViT but uses only its sequence slice of the features; summing
+                    # the feature gradients over TP in backward gives every rank the full ViT gradient.
+                    merged = tensor_parallel.copy_to_tensor_model_parallel_region(merged)
+                    deep = [tensor_parallel.copy_to_tensor_model_parallel_region(d) for d in deep]
                 scatter = VisualScatter.from_mask(
                     visual_mask, sp_rank=self.tp_group.rank() if sp else 0, sp_size=tp if sp else 1)
                 hidden = scatter.replace(hidden, merged)

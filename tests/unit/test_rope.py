@@ -16,7 +16,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.rope import (
     vision_rotary_angles,
 )
 
-hf_mod = pytest.importorskip("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe")
+import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe as hf_mod  # a hard dependency: fail, never skip
 from transformers import Qwen3VLMoeConfig  # noqa: E402
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig  # noqa: E402
 from transformers.vision_utils import get_vision_position_ids  # noqa: E402

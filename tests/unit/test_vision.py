@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe")
+import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe  # noqa: F401  (hard dependency: fail, never skip)
 
 from qwenvl_mcore.models.qwen3_vl_moe.vision import (  # noqa: E402
     interpolated_position_embeddings,

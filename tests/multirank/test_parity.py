@@ -1,6 +1,6 @@
 """Logit, loss, gradient and MRoPE parity with transformers' Qwen3VLMoeForConditionalGeneration at several layouts.
 
-One multi-rank launch per layout runs every check (tests/dist/_parity_checks.py); the tests assert on its numbers.
+One multi-rank launch per layout runs every check (tests/multirank/_parity_checks.py); the tests assert on its numbers.
 """
 
 from __future__ import annotations

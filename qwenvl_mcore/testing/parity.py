@@ -124,6 +124,16 @@ def compare_gradients(model, hf_model, batch, ctx: Context, *, aux_coef: float =
             if getattr(p, "sequence_parallel", False) and p.grad is not None:
                 dist.all_reduce(p.grad, group=tp_group)
     # transformers keeps experts in its own (transposed) layout in memory: compare in that layout.
+    # Average over data parallelism as megatron's DDP does: every DP rank ran the same batch here, so dense grads
+    # are replicas, while an expert on one EP rank received the tokens of every DP rank (sum over expert-DP, / DP).
+    dp_group = parallel_state.get_data_parallel_group()
+    edp_group = parallel_state.get_expert_data_parallel_group()
+    dp = dist.get_world_size(dp_group)
+    if dp > 1:
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=edp_group if ".mlp.experts." in name else dp_group)
+                p.grad /= dp
     ours = engine.gather_hf_tensors(model, Context(ctx.args, expert_layout=TRANSFORMERS5), source="grad")
     hf_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in hf_model.named_parameters()}
     worst, worst_name, missing = 0.0, None, sorted(set(hf_grads) - set(ours))

@@ -103,16 +103,11 @@ def load_hf_weights(model, get_hf: Callable[[str], torch.Tensor], ctx: Context, 
 
 def load_hf_state_dict(model, state: Mapping[str, torch.Tensor], ctx: Context) -> None:
     """load_hf_weights from an in-memory HF state dict, naming every missing tensor at once."""
-    needed = {h for _, _, hs in hf_mapping.rules_for(ctx.args) for h in hs}
-    wanted = set()
-    for local, _ in _unwrap(model).named_parameters():
-        for rule, m, hs in hf_mapping.rules_for(ctx.args):
-            if m == global_name(model, local):
-                wanted.update(hs)
+    hf_of = {m: hs for _, m, hs in hf_mapping.rules_for(ctx.args)}
+    wanted = {h for local, _ in _unwrap(model).named_parameters() for h in hf_of.get(global_name(model, local), ())}
     missing = sorted(wanted - set(state))
     if missing:
         raise KeyError(f"{len(missing)} tensors missing from the checkpoint: {missing[:20]}")
-    del needed
     load_hf_weights(model, state.__getitem__, ctx)
 
 

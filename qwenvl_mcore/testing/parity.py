@@ -17,8 +17,9 @@ from qwenvl_mcore.conversion import engine
 from qwenvl_mcore.conversion.transforms import TRANSFORMERS5
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config
 from qwenvl_mcore.models.qwen3_vl_moe.hf_mapping import Context
-from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs, Qwen3VLMoeModel, shift_labels
+from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs, build_model_chunks, shift_labels
 from qwenvl_mcore.parallel import ParallelLayout, init_distributed
+from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
@@ -59,12 +60,15 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 
 def build_pair(hf_model, layout: ParallelLayout, *, dtype=torch.float32, expert_layout=None):
-    """Our model at `layout` holding the HF model's weights (its in-memory transformers-5 state dict)."""
+    """Our model chunks at `layout` (one per virtual pipeline stage) holding the HF model's weights (its
+    in-memory transformers-5 state dict)."""
     args = args_from_hf_config(hf_model.config)
-    model = Qwen3VLMoeModel(args, layout, dtype=dtype)
+    chunks = build_model_chunks(args, layout, dtype=dtype)
     ctx = Context(args, expert_layout=expert_layout)
-    engine.load_hf_state_dict(model, {k: v for k, v in hf_model.state_dict().items()}, ctx)
-    return model, ctx
+    state = dict(hf_model.state_dict())
+    for chunk in chunks:
+        engine.load_hf_state_dict(chunk, state, ctx)
+    return chunks, ctx
 
 
 def logits_report(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]:
@@ -83,75 +87,83 @@ def logits_report(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | No
     }
 
 
-def compare_forward(model, hf_model, batch) -> dict[str, float]:
-    """Logits and LM loss of our model vs transformers on one batch (single pipeline stage)."""
+def _copies(inputs: MultimodalInputs) -> list[MultimodalInputs]:
+    """The interleaved schedule needs at least pp micro-batches: that many copies of one batch (else one)."""
+    interleaved = parallel_state.get_virtual_pipeline_model_parallel_world_size() not in (None, 1)
+    return [inputs] * (parallel_state.get_pipeline_model_parallel_world_size() if interleaved else 1)
+
+
+def compare_forward(chunks, hf_model, batch) -> dict[str, float] | None:
+    """Logits and LM loss of our model (through megatron's pipeline schedule) vs transformers on one batch.
+
+    Returns the report on the last pipeline stage, None on the others."""
     with torch.no_grad():
         ref = hf_forward(hf_model, batch)
-        inputs = to_inputs(batch, labels=False)
-        logits = gather_vocab(model(inputs))
-        inputs = to_inputs(batch)
-        per_token = model(inputs)
-        n = (inputs.labels != IGNORE_INDEX).sum()
-        loss = per_token.sum() / n
-    report = logits_report(logits, ref.logits, batch.get("attention_mask"))
-    report["loss_diff"] = abs(loss.item() - ref.loss.item())
-    report["loss"] = loss.item()
+        logits = run_microbatches(chunks, _copies(to_inputs(batch, labels=False)), forward_only=True)
+        losses = run_microbatches(chunks, _copies(to_inputs(batch)), forward_only=True, loss_for=loss_for_per_token)
+    if not logits:
+        return None
+    report = logits_report(gather_vocab(logits[0]), ref.logits, batch.get("attention_mask"))
+    loss = (losses[0]["loss_sum"] / losses[0]["tokens"]).item()
+    report["loss_diff"] = abs(loss - ref.loss.item())
+    report["loss"] = loss
     return report
 
 
-def compare_gradients(model, hf_model, batch, ctx: Context, *, aux_coef: float = 0.0) -> dict[str, Any]:
+def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float = 0.0) -> dict[str, Any]:
     """One backward of (LM loss + aux_coef * aux loss) in both models; the worst relative gradient difference.
 
-    Our gradients are reduced over TP for sequence-parallel parameters (as megatron's finalize_model_grads does),
-    then gathered to full HF tensors. Relative difference = max|g - g_ref| / max(max|g_ref|, 1e-6), per tensor.
+    Ours runs through megatron's schedule (pipeline included). Gradients are reduced over TP for
+    sequence-parallel parameters (as megatron's finalize_model_grads does), averaged over data parallelism as
+    megatron's DDP does, then gathered to full HF tensors; each stage compares its own parameters.
+    Relative difference = max|g - g_ref| / max(max|g_ref|, 1e-6), per tensor. The aux-loss value is compared at
+    pp=1 only (its joint formula spans the layers of every stage).
     """
-    model.train()
-    hf_model.train()
-    model.zero_grad(set_to_none=True)
-    hf_model.zero_grad(set_to_none=True)
-    model.aux_loss_coeff = aux_coef
+    for m in (*chunks, hf_model):
+        m.train()
+        m.zero_grad(set_to_none=True)
+    for m in chunks:
+        m.aux_loss_coeff = aux_coef
     hf_model.config.text_config.router_aux_loss_coef = aux_coef
     # transformers adds coef * load_balancing_loss to its loss when the router logits are output.
     ref = hf_forward(hf_model, batch, aux=aux_coef > 0)
     ref.loss.backward()
-    inputs = to_inputs(batch)
-    per_token = model(inputs)
-    n = (inputs.labels != IGNORE_INDEX).sum()
-    (per_token.sum() / n).backward()
+    # copies of one batch: each micro-batch's mean loss is divided by their number, so gradients are unchanged
+    run_microbatches(chunks, _copies(to_inputs(batch)), forward_only=False, loss_for=loss_for_per_token)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(tp_group) > 1:
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False) and p.grad is not None:
-                dist.all_reduce(p.grad, group=tp_group)
-    # transformers keeps experts in its own (transposed) layout in memory: compare in that layout.
-    # Average over data parallelism as megatron's DDP does: every DP rank ran the same batch here, so dense grads
-    # are replicas, while an expert on one EP rank received the tokens of every DP rank (sum over expert-DP, / DP).
     dp_group = parallel_state.get_data_parallel_group()
     edp_group = parallel_state.get_expert_data_parallel_group()
     dp = dist.get_world_size(dp_group)
-    if dp > 1:
+    ours: dict[str, torch.Tensor] = {}
+    for model in chunks:
         for name, p in model.named_parameters():
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            if getattr(p, "sequence_parallel", False) and dist.get_world_size(tp_group) > 1:
+                dist.all_reduce(p.grad, group=tp_group)
+            # Every DP rank ran the same batch here, so dense grads are replicas, while an expert on one EP rank
+            # received the tokens of every DP rank (sum over expert-DP, / DP).
+            if dp > 1:
                 dist.all_reduce(p.grad, group=edp_group if ".mlp.experts." in name else dp_group)
                 p.grad /= dp
-    ours = engine.gather_hf_tensors(model, Context(ctx.args, expert_layout=TRANSFORMERS5), source="grad")
+        # transformers keeps experts in its own (transposed) layout in memory: compare in that layout.
+        ours.update(engine.gather_hf_tensors(model, Context(ctx.args, expert_layout=TRANSFORMERS5), source="grad"))
     hf_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in hf_model.named_parameters()}
-    worst, worst_name, missing = 0.0, None, sorted(set(hf_grads) - set(ours))
+    worst, worst_name = 0.0, None
     for name, g in ours.items():
         r = hf_grads[name]
         rel = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
         if rel > worst or math.isnan(rel):
             worst, worst_name = rel, name
     aux_diff = None
-    if aux_coef > 0:
-        aux = model.last_aux_loss.clone()
-        if model.config.sequence_parallel:
+    if aux_coef > 0 and parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        aux = chunks[0].last_aux_loss.clone()
+        if chunks[0].config.sequence_parallel:
             dist.all_reduce(aux, group=tp_group)  # each TP rank holds its tokens' share
         aux_diff = abs(aux.item() - ref.aux_loss.item())
-    model.eval()
-    hf_model.eval()
-    return {"max_rel_grad_diff": worst, "worst_param": worst_name, "compared": len(ours), "missing": missing,
-            "aux_loss_diff": aux_diff}
+    for m in (*chunks, hf_model):
+        m.eval()
+    return {"max_rel_grad_diff": worst, "worst_param": worst_name, "compared": sorted(ours), "aux_loss_diff": aux_diff}
 
 
 def start(layout: ParallelLayout, seed: int = 1234) -> None:

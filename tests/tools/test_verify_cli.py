@@ -29,9 +29,9 @@ def _verify(hf_dir, *flags):
 
 
 @pytest.mark.parametrize("expert_layout, flags", [("released", ("--tp", "2", "--ep", "2")),
-                                                   ("transformers5", ())])
+                                                   ("transformers5", ("--pp", "2"))])
 def test_verify_reports_parity(checkpoints, expert_layout, flags):
-    """Released and transformers-5 expert layouts, TP2/EP2 and TP1: max |dlogit| <= 1e-4, top-1 all equal."""
+    """Released and transformers-5 expert layouts, TP2/EP2 and PP2: max |dlogit| <= 1e-4, top-1 all equal."""
     report = _verify(checkpoints[expert_layout], *flags)
     assert report["max_abs_logit_diff"] <= 1e-4, report
     assert report["top1_agreement"] == 1.0 and report["logit_cosine"] > 0.99999, report

@@ -27,7 +27,7 @@ def _rank(rank: int, world: int, hf_dir: str, layout_kwargs: dict, dtype_name: s
     from qwenvl_mcore.conversion.hf_io import SafetensorsReader
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, load_hf_config
     from qwenvl_mcore.models.qwen3_vl_moe.hf_mapping import Context
-    from qwenvl_mcore.models.qwen3_vl_moe.model import Qwen3VLMoeModel
+    from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks
     from qwenvl_mcore.parallel import ParallelLayout, device, init_distributed
     from qwenvl_mcore.testing import parity, tiny
 
@@ -38,10 +38,13 @@ def _rank(rank: int, world: int, hf_dir: str, layout_kwargs: dict, dtype_name: s
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval().to(device())
     processor = AutoProcessor.from_pretrained(hf_dir)
     batch = tiny.sample_inputs(processor, "image_video").to(device())
-    model = Qwen3VLMoeModel(args, layout, dtype=dtype).to(device()).eval()
-    engine.load_hf_weights(model, SafetensorsReader(hf_dir).get, Context(args))
-    report = parity.compare_forward(model, hf, batch)
-    report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name)
+    chunks = [c.to(device()).eval() for c in build_model_chunks(args, layout, dtype=dtype)]
+    reader = SafetensorsReader(hf_dir)
+    for chunk in chunks:
+        engine.load_hf_weights(chunk, reader.get, Context(args))
+    report = parity.compare_forward(chunks, hf, batch)  # None except on the last pipeline stage
+    if report is not None:
+        report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name)
     return report
 
 
@@ -62,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.mcore:
         p.error("--mcore needs the HF->megatron converter, which this release does not ship yet; use --hf alone.")
-    if a.pp > 1:
-        p.error("--pp > 1 is not supported by verify.py yet (pipeline forward lands with the trainer); use --pp 1.")
     layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, sequence_parallel=a.tp > 1)
     world = math.lcm(a.tp, a.ep * a.etp) * a.pp
     try:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = run_on_ranks(_rank, world, a.hf, layout.as_dict(), a.dtype)[0]
+    report = next(r for r in run_on_ranks(_rank, world, a.hf, layout.as_dict(), a.dtype) if r is not None)
     print(json.dumps(report))
     return 0
 

@@ -249,6 +249,8 @@ def _common_config_kwargs(layout, *, dtype: torch.dtype, init_std: float) -> dic
         bias_activation_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # Batched p2p ends with torch.cuda.synchronize(); gloo on the CPU sends one tensor at a time instead.
+        batch_p2p_comm=not on_cpu,
     )
 
 
@@ -257,6 +259,7 @@ def language_transformer_config(args: Qwen3VLMoeArgs, layout, *, dtype: torch.dt
     from megatron.core.transformer import TransformerConfig
 
     t = args.text
+    on_gpu = torch.cuda.is_available()
     kwargs = _common_config_kwargs(layout, dtype=dtype, init_std=t.initializer_range)
     kwargs.update(
         num_layers=t.num_hidden_layers,
@@ -283,9 +286,13 @@ def language_transformer_config(args: Qwen3VLMoeArgs, layout, *, dtype: torch.dt
         # The aux loss follows transformers' formula and is computed by our router (layers.Qwen3VLRouter).
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
-        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+        # alltoall needs CUDA streams; allgather (CPU) needs the same token count on every rank of an EP group,
+        # i.e. micro-batches of one length on every data-parallel rank (the trainer pads to a fixed length).
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
+        # Pipeline stages exchange activation shapes first, so micro-batches may differ in length (alltoall only).
+        variable_seq_lengths=layout.pp > 1 and on_gpu,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
@@ -79,6 +80,7 @@ class Qwen3VLMoeModel(MegatronModule):
                  vp_stage: int | None = None, aux_loss_coeff: float | None = None, **config_overrides):
         config = language_transformer_config(args, layout, dtype=dtype, **config_overrides)
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         layout.validate(model=args)
         self.args, self.layout = args, layout
         self.vp_stage = vp_stage
@@ -254,6 +256,13 @@ class Qwen3VLMoeModel(MegatronModule):
                                   group=self.tp_group if self.config.sequence_parallel else None)
         self.last_aux_loss = aux.detach()
         return _AttachAuxLoss.apply(hidden, aux, float(self.aux_loss_coeff * self.aux_loss_scale))
+
+
+def build_model_chunks(args: Qwen3VLMoeArgs, layout: ParallelLayout, **kwargs) -> list[Qwen3VLMoeModel]:
+    """This rank's model chunks: one per virtual pipeline stage (a single one without interleaving)."""
+    if layout.vpp is None or layout.vpp == 1:
+        return [Qwen3VLMoeModel(args, layout, **kwargs)]
+    return [Qwen3VLMoeModel(args, layout, vp_stage=i, **kwargs) for i in range(layout.vpp)]
 
 
 def load_balancing_loss(stats, *, num_experts: int, group=None) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Micro-batches through megatron's forward-backward schedules: no pipelining, 1F1B, or interleaved 1F1B,
+chosen by megatron from the parallel state. The trainer, the evaluator and the parity checks all go through here.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from qwenvl_mcore.models.qwen3_vl_moe.model import MultimodalInputs
+
+# loss_for(batch) -> loss_func(output) -> (loss_sum, num_tokens, report): megatron's per-token-loss contract.
+LossFor = Callable[[MultimodalInputs], Callable[[torch.Tensor], tuple]]
+
+
+def run_microbatches(model_chunks: Sequence[torch.nn.Module], microbatches: Sequence[MultimodalInputs], *,
+                     forward_only: bool, loss_for: LossFor | None = None) -> list:
+    """Run every micro-batch through the model chunks of this rank (one per virtual pipeline stage).
+
+    Every rank receives the same micro-batches (each stage needs the token ids for MRoPE and masks; only the
+    first runs the ViT). Returns, on the last pipeline stage, one entry per micro-batch: the model's output when
+    `loss_for` is None (forward only), else the report of each loss_func; an empty list on other stages.
+    """
+    chunks = list(model_chunks)
+    config = chunks[0].config
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    lengths = {-(-b.input_ids.shape[1] // multiple) * multiple for b in microbatches}  # the model pads to this
+    if len(lengths) > 1 and config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
+        raise ValueError(
+            f"micro-batches of different lengths {sorted(lengths)} need variable-length pipeline communication, "
+            "which the allgather token dispatcher (CPU) cannot do: pad every micro-batch to one length."
+        )
+    if len(chunks) > 1:
+        data = [iter(microbatches) for _ in chunks]  # each virtual stage walks the micro-batches once
+    else:
+        data = iter(microbatches)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return model(batch), (None if loss_for is None else loss_for(batch))
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=chunks,
+        num_microbatches=len(microbatches),
+        seq_length=max(lengths),
+        micro_batch_size=microbatches[0].input_ids.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def per_token_loss(batch: MultimodalInputs, output: torch.Tensor):
+    """loss_func for per-token losses [b, s] (0 where ignored): (sum, number of loss tokens, report)."""
+    n = (batch.labels != -100).sum()
+    total = output.sum()
+    # clone: megatron's schedule divides the returned loss in place
+    return total, n.to(torch.int), {"loss_sum": total.detach().clone(), "tokens": n}
+
+
+def loss_for_per_token(batch: MultimodalInputs):
+    return partial(per_token_loss, batch)

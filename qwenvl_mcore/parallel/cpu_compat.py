@@ -10,6 +10,8 @@ when no GPU is present; on a GPU machine it does nothing. Each fix names the meg
    schedules and p2p communication: a TorchFunctionMode maps them to the CPU, and `torch.cuda.current_device`
    answers "cpu". Not active inside autograd's backward of megatron's custom functions, so those must not
    create tensors on an integer device (none on the paths we use does).
+3. `torch.cuda.synchronize()` after host copies (dist_checkpointing's FileSystemWriterAsync.preload_tensors) and
+   batched p2p: there is no device work to wait for, so it becomes a no-op.
 Everything else that would need CUDA is avoided by design rather than patched: the model uses its own SDPA core
 attention (no `get_default_causal_mask`), its own rotary embedding, its own norms (sequence-parallel aware), its
 own router (no weight move to the GPU in `Router.gating`), and the allgather token dispatcher on the CPU
@@ -121,6 +123,7 @@ def apply() -> bool:
     # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, which is queued lazily and harmless without
     # a GPU; the tracker's own `add` seeds the CPU generators.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
     _APPLIED = True

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwenvl_mcore.models.qwen3_vl_moe.config import released_config_dict
+
 __all__ = [
     "QWEN_SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
@@ -606,32 +608,7 @@ def _save_processor(processor, out: Path) -> None:
     cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def released_style_config_dict(config) -> dict[str, Any]:
-    """Return ``config`` (a ``Qwen3VLMoeConfig``) as a dict spelled like the released ``config.json``.
-
-    The released files come from transformers 4.57: ``text_config.num_experts`` (not ``num_local_experts``),
-    ``text_config.rope_scaling`` = {rope_type, mrope_section, mrope_interleaved} plus ``text_config.rope_theta``
-    (not ``rope_parameters``), no vision ``rope_parameters``, and ``vision_config.model_type`` "qwen3_vl_moe".
-    transformers 5 reads this spelling back into an equal config.
-    """
-    d = json.loads(config.to_json_string(use_diff=True))
-    text = d["text_config"]
-    if "num_local_experts" in text:
-        text["num_experts"] = text.pop("num_local_experts")
-    rope = dict(text.pop("rope_parameters", None) or {})
-    if rope:
-        text["rope_theta"] = rope.pop("rope_theta")
-        text["rope_scaling"] = rope
-    for key in ("sliding_window",):
-        text.pop(key, None)
-    vision = d["vision_config"]
-    vision.pop("rope_parameters", None)
-    vision["model_type"] = "qwen3_vl_moe"
-    d["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
-    dtype = d.pop("dtype", None) or text.get("dtype")
-    if dtype is not None:
-        text["dtype"] = str(dtype).replace("torch.", "")
-    return d
+released_style_config_dict = released_config_dict  # re-exported for the tests
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Check our megatron model against transformers on an HF Qwen3-VL MoE checkpoint, at a chosen parallel layout.
 
-    python tools/convert/verify.py --hf DIR [--tp N --ep N --etp N --pp N] [--dtype fp32|bf16]
+    python tools/convert/verify.py --hf DIR [--mcore DIR] [--tp N --ep N --etp N --pp N] [--dtype fp32|bf16]
 
-Starts its own ranks (gloo on the CPU, one process per rank), runs transformers and our model on the same weights
-and a built-in text + image + video sample, and prints as its last line a JSON object with max_abs_logit_diff,
+Starts its own ranks (gloo on the CPU, one process per rank), runs transformers on --hf and our model on the same
+weights (read from --hf, or from the megatron checkpoint --mcore converted from it) and a built-in
+text + image + video sample, and prints as its last line a JSON object with max_abs_logit_diff,
 logit_cosine and top1_agreement (plus the loss difference and the layout).
 """
 
@@ -20,9 +21,10 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _rank(rank: int, world: int, hf_dir: str, layout_kwargs: dict, dtype_name: str) -> dict:
+def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwargs: dict, dtype_name: str) -> dict:
     from transformers import AutoProcessor, Qwen3VLMoeForConditionalGeneration
 
+    from qwenvl_mcore.checkpoint.model_io import load_model
     from qwenvl_mcore.conversion import engine
     from qwenvl_mcore.conversion.hf_io import SafetensorsReader
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, load_hf_config
@@ -39,9 +41,12 @@ def _rank(rank: int, world: int, hf_dir: str, layout_kwargs: dict, dtype_name: s
     processor = AutoProcessor.from_pretrained(hf_dir)
     batch = tiny.sample_inputs(processor, "image_video").to(device())
     chunks = [c.to(device()).eval() for c in build_model_chunks(args, layout, dtype=dtype)]
-    reader = SafetensorsReader(hf_dir)
-    for chunk in chunks:
-        engine.load_hf_weights(chunk, reader.get, Context(args))
+    if mcore_dir:
+        load_model(mcore_dir, chunks)
+    else:
+        reader = SafetensorsReader(hf_dir)
+        for chunk in chunks:
+            engine.load_hf_weights(chunk, reader.get, Context(args))
     report = parity.compare_forward(chunks, hf, batch)  # None except on the last pipeline stage
     if report is not None:
         report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name)
@@ -51,7 +56,7 @@ def _rank(rank: int, world: int, hf_dir: str, layout_kwargs: dict, dtype_name: s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors, processor files)")
-    p.add_argument("--mcore", help="megatron checkpoint converted from --hf (not available in this release)")
+    p.add_argument("--mcore", help="megatron checkpoint converted from --hf (or a training save directory)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=1)
@@ -59,20 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     a = p.parse_args(argv)
 
+    from qwenvl_mcore.checkpoint.model_io import CheckpointError, read_info, resolve_checkpoint_dir
     from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError, args_from_hf_config, load_hf_config
     from qwenvl_mcore.parallel import LayoutError, ParallelLayout
     from qwenvl_mcore.testing.dist import run_on_ranks
 
-    if a.mcore:
-        p.error("--mcore needs the HF->megatron converter, which this release does not ship yet; use --hf alone.")
     layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, sequence_parallel=a.tp > 1)
     world = math.lcm(a.tp, a.ep * a.etp) * a.pp
+    mcore = None
     try:
         layout.validate(world_size=world, model=args_from_hf_config(load_hf_config(a.hf)))
-    except (LayoutError, ModelConfigError) as e:
+        if a.mcore:
+            mcore = resolve_checkpoint_dir(a.mcore)
+            read_info(mcore)
+    except (LayoutError, ModelConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = next(r for r in run_on_ranks(_rank, world, a.hf, layout.as_dict(), a.dtype) if r is not None)
+    report = next(r for r in run_on_ranks(_rank, world, a.hf, mcore, layout.as_dict(), a.dtype) if r is not None)
     print(json.dumps(report))
     return 0
 

@@ -8,6 +8,8 @@ Nothing here is hand-typed per model size: the presets are the released config f
 
 from __future__ import annotations
 
+import copy
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -209,6 +211,38 @@ def load_hf_config(path: str | Path) -> dict:
         raise ModelConfigError(f"{p}: no config.json; pass an HF model directory.")
     with open(p) as f:
         return json.load(f)
+
+
+def released_config_dict(config) -> dict:
+    """Return ``config`` (a ``Qwen3VLMoeConfig``) as a dict spelled like the released ``config.json``.
+
+    The released files come from transformers 4.57: ``text_config.num_experts`` (not ``num_local_experts``),
+    ``text_config.rope_scaling`` = {rope_type, mrope_section, mrope_interleaved} plus ``text_config.rope_theta``
+    (not ``rope_parameters``), no vision ``rope_parameters``, and ``vision_config.model_type`` "qwen3_vl_moe".
+    transformers 5 reads this spelling back into an equal config.
+    """
+    if isinstance(config, dict):
+        from transformers import Qwen3VLMoeConfig
+
+        config = Qwen3VLMoeConfig(**copy.deepcopy(config))
+    d = json.loads(config.to_json_string(use_diff=True))
+    text = d["text_config"]
+    if "num_local_experts" in text:
+        text["num_experts"] = text.pop("num_local_experts")
+    rope = dict(text.pop("rope_parameters", None) or {})
+    if rope:
+        text["rope_theta"] = rope.pop("rope_theta")
+        text["rope_scaling"] = rope
+    for key in ("sliding_window",):
+        text.pop(key, None)
+    vision = d["vision_config"]
+    vision.pop("rope_parameters", None)
+    vision["model_type"] = "qwen3_vl_moe"
+    d["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
+    dtype = d.pop("dtype", None) or text.get("dtype")
+    if dtype is not None:
+        text["dtype"] = str(dtype).replace("torch.", "")
+    return d
 
 
 def flavor_hf_config(name: str) -> dict:

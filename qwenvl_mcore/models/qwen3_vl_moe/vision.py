@@ -243,6 +243,27 @@ class VisionModel(MegatronModule):
             for _ in self.deepstack_visual_indexes
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """megatron's default, except that each DeepStack merger declares its own TP sharding (the default treats
+        an nn.ModuleList as replicated, which would store each TP rank's half as the whole tensor)."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
+
+        assert not self._parameters, "VisionModel keeps its parameters in submodules"
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        # Passed explicitly: for plain torch modules (patch embedding, position table) megatron 0.19.2 otherwise
+        # gives every TP rank replica id 0 of the replicated tensors, which its load rejects.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        sd = {}
+        for name, module in self.named_children():
+            if name == "deepstack_mergers":
+                for i, merger in enumerate(module):
+                    sd.update(merger.sharded_state_dict(f"{prefix}{name}.{i}.", sharded_offsets, metadata))
+            else:
+                sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                     tp_group=tp_group))
+        return sd
+
     def embed_patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Patch embedding + interpolated learned positions: [N, C*T*P*P] -> [N, hidden] (parameter dtype)."""
         x = self.patch_embed(pixel_values)

@@ -1,0 +1,221 @@
+"""Our megatron checkpoints: what they contain and how the model is saved into and loaded from them.
+
+A checkpoint directory holds a megatron `torch_dist` distributed checkpoint (global tensors, loadable at any
+TP/EP/ETP/PP layout), plus what makes it describe itself:
+
+    qwenvl_mcore.json   format version, kind ("converted" | "training"), dtype, source, step
+    hf/                 config.json and the tokenizer / processor / chat-template files of the model
+
+The model's state is `model_sharded_state_dict(chunks)`: every parameter as a megatron ShardedTensor under its
+global name (layers stacked along a leading axis, experts along the expert axis). Local (non-TE) layers carry
+no extra state, so megatron's per-linear `_extra_state` objects (always None here) are left out: converted and
+trained checkpoints then hold exactly the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwenvl_mcore.checkpoint.dcp import Chunk, tensor_metadata
+
+FORMAT_VERSION = 1
+META_FILE = "qwenvl_mcore.json"
+HF_SUBDIR = "hf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    kind: str
+    dtype: str
+    step: int | None
+    source: str | None
+
+    @property
+    def hf_dir(self) -> str:
+        return os.path.join(self.path, HF_SUBDIR)
+
+
+def write_info(ckpt_dir: str, *, kind: str, dtype: torch.dtype, source: str | None = None,
+               step: int | None = None, **extra) -> None:
+    info = {"format_version": FORMAT_VERSION, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
+            "step": step, "source": source, **extra}
+    with open(os.path.join(ckpt_dir, META_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def read_info(ckpt_dir: str) -> CheckpointInfo:
+    """The checkpoint's description; a clear error when `ckpt_dir` is not one of our checkpoints."""
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isfile(path):
+        hint = ""
+        if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+            hint = " It looks like an HF model directory: convert it first with tools/convert/hf2mcore.py."
+        elif os.path.isfile(os.path.join(ckpt_dir, "latest")):
+            hint = f" It is a training save directory: pass {os.path.join(ckpt_dir, 'latest')!r} or a step directory."
+        raise CheckpointError(f"{ckpt_dir} is not a qwenvl-mcore checkpoint (no {META_FILE}).{hint}")
+    with open(path) as f:
+        info = json.load(f)
+    if info.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {info.get('format_version')} is not {FORMAT_VERSION}; "
+                              "convert the checkpoint again with this release.")
+    return CheckpointInfo(ckpt_dir, info["kind"], info["dtype"], info.get("step"), info.get("source"))
+
+
+def copy_hf_side_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy config, tokenizer, processor and chat-template files (everything but weights and their index)."""
+    os.makedirs(dst_dir, exist_ok=True)
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src = os.path.join(src_dir, name)
+        if not os.path.isfile(src) or name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEX_FILES:
+            continue
+        shutil.copy2(src, os.path.join(dst_dir, name))
+        copied.append(name)
+    return copied
+
+
+# -- the model's sharded state --------------------------------------------------------------------------------
+def _drop_extra_state(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            out[k] = _drop_extra_state(v)
+        elif not k.endswith("._extra_state"):
+            out[k] = v
+    return out
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    """megatron sharded state dict of this rank's model chunks: {"model": ...} or {"model0": ..., "model1": ...}."""
+    chunks = list(chunks)
+    if len(chunks) == 1:
+        return {"model": _drop_extra_state(chunks[0].sharded_state_dict())}
+    return {f"model{i}": _drop_extra_state(c.sharded_state_dict()) for i, c in enumerate(chunks)}
+
+
+def _sharded_tensors(sd: dict):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    for name, v in sd.items():
+        if isinstance(v, ShardedTensor):
+            yield name, v
+
+
+@dataclass(frozen=True)
+class StoredParam:
+    """Where one whole parameter sits in a checkpoint: `chunk` (megatron stacks layers along a leading axis of
+    its key, so the chunk may have extra size-1 axes) and the parameter's own `shape`."""
+
+    name: str  # parameter name, global layer numbers
+    chunk: Chunk
+    shape: tuple[int, ...]
+
+
+def unsharded_params(model) -> list[StoredParam]:
+    """Every parameter of an unsharded model (TP = EP = PP = 1, e.g. built on the meta device) as a converted
+    checkpoint stores it, derived from megatron's own sharded state dict."""
+    out = []
+    for name, sh in _sharded_tensors(_drop_extra_state(model.sharded_state_dict())):
+        sizes = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
+        chunk = Chunk(sh.key, tuple(sh.global_shape), sh.dtype, tuple(sh.global_offset), sizes)
+        out.append(StoredParam(name, chunk, tuple(sh.data.shape)))
+    return out
+
+
+def check_fits(ckpt_dir: str, expected: list[Chunk]) -> None:
+    """Raise CheckpointError listing every tensor the model expects that the checkpoint lacks or stores with
+    another global shape (a checkpoint of a different architecture than the config)."""
+    stored = tensor_metadata(ckpt_dir)
+    missing, wrong = [], []
+    by_key = {c.key: c for c in expected}
+    for key in sorted(by_key):
+        c = by_key[key]
+        if key not in stored:
+            missing.append(key)
+        elif tuple(stored[key].size) != c.global_shape:
+            wrong.append(f"{key}: checkpoint {list(stored[key].size)}, config {list(c.global_shape)}")
+    if missing or wrong:
+        lines = [f"missing: {k}" for k in missing[:20]] + wrong[:20]
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} does not fit the model config ({len(missing)} tensors missing, {len(wrong)} with "
+            "another shape); it was made for a different architecture. Use the config it was converted with "
+            f"(its {HF_SUBDIR}/config.json):\n  " + "\n  ".join(lines))
+
+
+def save_model(ckpt_dir: str, chunks) -> None:
+    """Save this rank's model chunks with megatron's distributed checkpointing (collective; `ckpt_dir` exists)."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
+
+
+def load_model(ckpt_dir: str, chunks) -> None:
+    """Load the model weights of a checkpoint (converted or trained, any layout) into this rank's chunks."""
+    from megatron.core import dist_checkpointing
+
+    chunks = list(chunks)
+    sd = model_sharded_state_dict(chunks)
+    expected = [Chunk(sh.key, tuple(sh.global_shape), sh.dtype, (), ()) for part in sd.values()
+                for _, sh in _sharded_tensors(part)]
+    check_fits(ckpt_dir, expected)
+    loaded = dist_checkpointing.load(sd, ckpt_dir)
+    parts = [loaded["model"]] if len(chunks) == 1 else [loaded[f"model{i}"] for i in range(len(chunks))]
+    for chunk, state in zip(chunks, parts):
+        missing, unexpected = chunk.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("._extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt_dir}: parameters not restored {missing[:10]}, unexpected {unexpected[:10]}")
+
+
+def staging_dir_for(out: str) -> str:
+    """Where an output is built before it is renamed into place (a sibling, so the rename is atomic)."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.incomplete")
+
+
+def prepare_output(out: str, *, overwrite: bool) -> str:
+    """Refuse an existing output unless `overwrite`; return an empty staging directory for it."""
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError(f"output {out} exists; pass --overwrite to replace it.")
+    staging = staging_dir_for(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def publish_output(staging: str, out: str) -> None:
+    """Move a complete staging directory into place (replacing an old output only now)."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        old = out + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out)
+
+
+def discard_output(staging: str) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A checkpoint directory, or a training save directory whose `latest` file names one."""
+    latest = Path(path) / "latest"
+    if latest.is_file() and not (Path(path) / META_FILE).exists():
+        return str(Path(path) / latest.read_text().strip())
+    return path

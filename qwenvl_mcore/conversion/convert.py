@@ -1,0 +1,282 @@
+"""HF <-> megatron checkpoint conversion, streaming and shareable among processes.
+
+Both directions walk the mapping table (models/qwen3_vl_moe/hf_mapping.py) one tensor at a time:
+
+- hf_to_mcore: every tensor of the unsharded model (its layout taken from megatron's own sharded state dict of
+  a meta-device model) is produced from its HF tensors while it is written; the processes split the tensors.
+- mcore_to_hf: the HF tensors are planned into safetensors shards; each process builds its shards one at a time
+  from regions read out of the checkpoint (whatever layout it was saved at).
+
+Everything that can be checked is checked before anything is written, and the output is built in a staging
+directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+from qwenvl_mcore.checkpoint import model_io
+from qwenvl_mcore.checkpoint.dcp import Chunk, read_regions, tensor_metadata, write_chunks
+from qwenvl_mcore.conversion import hf_io
+from qwenvl_mcore.conversion.transforms import LayoutMismatch
+from qwenvl_mcore.models.qwen3_vl_moe.config import (
+    ModelConfigError,
+    args_from_hf_config,
+    load_hf_config,
+    released_config_dict,
+)
+from qwenvl_mcore.models.qwen3_vl_moe.hf_mapping import Context, rules_for
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+USER_ERRORS = (model_io.CheckpointError, hf_io.HFCheckpointError, ModelConfigError, LayoutMismatch)
+
+
+class ConversionError(ValueError):
+    """Bad input for a conversion; the message names the problem."""
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def unsharded_layout(args, dtype: torch.dtype) -> list[model_io.StoredParam]:
+    """Every parameter of the whole model at TP = EP = PP = 1 and where it is stored, from a meta-device build
+    (needs megatron's parallel state at that layout, any data-parallel size)."""
+    from qwenvl_mcore.models.qwen3_vl_moe.model import Qwen3VLMoeModel
+    from qwenvl_mcore.parallel import ParallelLayout
+
+    with torch.device("meta"):
+        model = Qwen3VLMoeModel(args, ParallelLayout(), dtype=dtype, use_cpu_initialization=False,
+                                perform_initialization=False)
+    return model_io.unsharded_params(model)
+
+
+def _split(items: list, sizes: list[int], parts: int) -> list[list]:
+    """Greedy split into `parts` lists of similar total size (largest first); deterministic."""
+    bins: list[list] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(items)), key=lambda i: -sizes[i]):
+        j = load.index(min(load))
+        bins[j].append(items[i])
+        load[j] += sizes[i]
+    return bins
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- HF -> megatron ------------------------------------------------------------------------------------------
+def check_hf_checkpoint(hf_dir: str, args, config: dict) -> dict[str, hf_io.TensorInfo]:
+    """Headers of every shard, checked against the config: no shard missing or truncated, no tensor missing or
+    unknown, every shape the config implies (experts in either known layout). Reads no tensor data."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    infos = hf_io.scan_hf_dir(hf_dir)
+    expected = {h for _, _, hs in rules_for(args) for h in hs}
+    missing, unknown = sorted(expected - set(infos), key=_natural), sorted(set(infos) - expected, key=_natural)
+    with torch.device("meta"):
+        hf_model = Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**json.loads(json.dumps(config))))
+    shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}  # experts in transformers-5 layout
+    wrong = []
+    for name in sorted(expected & set(infos), key=_natural):
+        want, got = shapes[name], infos[name].shape
+        ok = got == want or (".mlp.experts." in name and got == (want[0], want[2], want[1]))
+        if not ok:
+            wrong.append(f"{name}: file {list(got)}, config implies {list(want)}")
+    if missing or unknown or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors the config needs are missing: {missing[:12]}")
+        if unknown:
+            parts.append(f"{len(unknown)} tensors are unknown to this model: {unknown[:12]}")
+        if wrong:
+            parts.append(f"{len(wrong)} tensors do not fit the config:\n    " + "\n    ".join(wrong[:12]))
+        raise ConversionError(f"{hf_dir} does not match its config.json:\n  " + "\n  ".join(parts))
+    return infos
+
+
+def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, staging: str, dtype_name: str | None, progress: bool):
+    from qwenvl_mcore.parallel import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+    config = load_hf_config(hf_dir)
+    args = args_from_hf_config(config)
+    infos = hf_io.scan_hf_dir(hf_dir)
+    source_dtype = infos[next(h for _, _, hs in rules_for(args) for h in hs)].dtype
+    dtype = DTYPES[dtype_name] if dtype_name else source_dtype
+    layout = unsharded_layout(args, dtype)
+    rules = {m: (rule, hf) for rule, m, hf in rules_for(args)}
+    uncovered = [p.name for p in layout if p.name not in rules]
+    if uncovered:  # a model parameter the mapping table does not know: a bug, never silently skipped
+        raise RuntimeError(f"no mapping for {uncovered}")
+    mine = _split(layout, [p.chunk.nbytes for p in layout], world)[rank]
+    reader = hf_io.SafetensorsReader(hf_dir, infos)
+    ctx = Context(args)
+    bar = _Progress(sum(p.chunk.nbytes for p in mine), f"hf2mcore (process 1 of {world})", progress and rank == 0)
+
+    def producer(param: model_io.StoredParam):
+        rule, hf_names = rules[param.name]
+        chunk = param.chunk
+
+        def produce() -> torch.Tensor:
+            full = rule.to_mcore([reader.get(h) for h in hf_names], ctx)
+            bar.update(chunk.nbytes)
+            return full.to(chunk.dtype).reshape(chunk.sizes)
+
+        return produce
+
+    write_chunks(staging, [(p.chunk, producer(p)) for p in mine], common={},
+                 process_group=dist.group.WORLD if world > 1 else None)
+    bar.close()
+    if rank == 0:
+        model_io.write_info(staging, kind="converted", dtype=dtype, source=os.path.abspath(hf_dir))
+        hf_out = os.path.join(staging, model_io.HF_SUBDIR)
+        model_io.copy_hf_side_files(hf_dir, hf_out)
+        _write_config(os.path.join(hf_out, "config.json"), config, dtype)
+    return {"tensors": len(layout), "bytes": sum(p.chunk.nbytes for p in layout), "dtype": str(dtype)}
+
+
+def _write_config(path: str, config: dict, dtype: torch.dtype) -> None:
+    """config.json in the released spelling (read by transformers 4.57 and 5.x) recording `dtype`."""
+    out = released_config_dict(config)
+    out["text_config"]["dtype"] = str(dtype).removeprefix("torch.")
+    out.pop("torch_dtype", None)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, procs: int = 1, overwrite: bool = False,
+                progress: bool = True) -> dict:
+    """Convert an HF Qwen3-VL MoE directory into a megatron checkpoint at `out` (see module docstring)."""
+    from qwenvl_mcore.testing.dist import run_on_ranks
+
+    config = load_hf_config(hf_dir)
+    args = args_from_hf_config(config)
+    check_hf_checkpoint(hf_dir, args, config)
+    staging = model_io.prepare_output(out, overwrite=overwrite)
+    try:
+        result = run_on_ranks(_hf_to_mcore_rank, procs, hf_dir, staging, dtype, progress)[0]
+    except BaseException:
+        model_io.discard_output(staging)
+        raise
+    model_io.publish_output(staging, out)
+    return result
+
+
+# -- megatron -> HF ------------------------------------------------------------------------------------------
+def _export_plan(args, stored: dict, ctx: Context, out_dtype: torch.dtype | None):
+    """(parameters with their stored dtype, {hf name: (shape, dtype)}): shapes from the transforms on meta tensors."""
+    rules = {m: rule for rule, m, _ in rules_for(args)}
+    params, shapes = [], {}
+    for p in unsharded_layout(args, torch.float32):
+        dtype = stored[p.chunk.key].properties.dtype
+        p = model_io.StoredParam(p.name, Chunk(p.chunk.key, p.chunk.global_shape, dtype, p.chunk.offsets,
+                                               p.chunk.sizes), p.shape)
+        for h, t in zip(_hf_names(args)[p.name], rules[p.name].to_hf(torch.empty(p.shape, dtype=dtype, device="meta"),
+                                                                      ctx)):
+            shapes[h] = (tuple(t.shape), out_dtype or dtype)
+        params.append(p)
+    return params, shapes
+
+
+def _hf_names(args) -> dict[str, tuple[str, ...]]:
+    return {m: hf for _, m, hf in rules_for(args)}
+
+
+def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, staging: str, out_dtype: str | None,
+                      expert_layout: str, max_bytes: int, progress: bool):
+    from qwenvl_mcore.parallel import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+    args = args_from_hf_config(config)
+    stored = tensor_metadata(ckpt_dir)
+    ctx = Context(args, expert_layout=expert_layout)
+    dtype = DTYPES[out_dtype] if out_dtype else None
+    try:
+        model_io.check_fits(ckpt_dir, [p.chunk for p in unsharded_layout(args, torch.float32)])
+    except model_io.CheckpointError as e:
+        return {"error": str(e)}
+    params, shapes = _export_plan(args, stored, ctx, dtype)
+    names = sorted(shapes, key=_natural)
+    sizes = [(n, _nbytes(*shapes[n])) for n in names]
+    shards = hf_io.plan_shards(sizes, max_bytes)
+    hf_names = _hf_names(args)
+    by_hf = {h: p for p in params for h in hf_names[p.name]}
+    rules = {m: rule for rule, m, _ in rules_for(args)}
+    mine = [i for i in range(len(shards)) if i % world == rank]
+    total = sum(n for shard in (shards[i] for i in mine) for n in (_nbytes(*shapes[h]) for h in shard))
+    bar = _Progress(total, f"mcore2hf (process 1 of {world})", progress and rank == 0)
+    for i in mine:
+        wanted = set(shards[i])
+        needed = list({by_hf[h].name: by_hf[h] for h in wanted}.values())
+        regions = read_regions(ckpt_dir, [(p.chunk.key, p.chunk.offsets, p.chunk.sizes, p.chunk.dtype)
+                                          for p in needed])
+        tensors = {}
+        for p, region in zip(needed, regions):
+            for h, t in zip(hf_names[p.name], rules[p.name].to_hf(region.reshape(p.shape), ctx)):
+                if h in wanted:
+                    tensors[h] = t.to(shapes[h][1]).contiguous()
+        hf_io.write_shard(os.path.join(staging, hf_io.shard_file_name(i, len(shards))), tensors)
+        bar.update(sum(_nbytes(*shapes[h]) for h in wanted))
+        del tensors, regions
+    bar.close()
+    if rank == 0:
+        hf_io.write_index(staging, shards, sum(n for _, n in sizes))
+    return {"tensors": len(names), "shards": len(shards), "bytes": sum(n for _, n in sizes)}
+
+
+def _nbytes(shape, dtype) -> int:
+    n = torch.tensor([], dtype=dtype).element_size()
+    for s in shape:
+        n *= s
+    return n
+
+
+def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: str | None = None,
+                expert_layout: str = "released", max_shard_size: str | int = "5GB", procs: int = 1,
+                overwrite: bool = False, progress: bool = True) -> dict:
+    """Export a megatron checkpoint (converted or saved by the trainer, any layout) to an HF directory."""
+    from qwenvl_mcore.conversion.transforms import RELEASED, TRANSFORMERS5
+    from qwenvl_mcore.testing.dist import run_on_ranks
+
+    if expert_layout not in (RELEASED, TRANSFORMERS5):
+        raise ConversionError(f"expert layout {expert_layout!r}: choose {RELEASED!r} or {TRANSFORMERS5!r}.")
+    ckpt = model_io.resolve_checkpoint_dir(mcore)
+    info = model_io.read_info(ckpt)
+    config = load_hf_config(config_dir or info.hf_dir)
+    args_from_hf_config(config)  # a config we cannot build fails here
+    max_bytes = hf_io.parse_size(max_shard_size)
+    staging = model_io.prepare_output(out, overwrite=overwrite)
+    try:
+        results = run_on_ranks(_mcore_to_hf_rank, procs, ckpt, config, staging, dtype, expert_layout, max_bytes,
+                               progress)
+        if "error" in results[0]:
+            raise model_io.CheckpointError(results[0]["error"])
+        model_io.copy_hf_side_files(info.hf_dir, staging)
+        out_dtype = DTYPES[dtype] if dtype else getattr(torch, info.dtype)
+        _write_config(os.path.join(staging, "config.json"), config, out_dtype)
+    except BaseException:
+        model_io.discard_output(staging)
+        raise
+    model_io.publish_output(staging, out)
+    return results[0]

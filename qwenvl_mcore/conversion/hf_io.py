@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -29,6 +28,8 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    start: int = 0  # byte offsets of the data in the file
+    end: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -57,8 +58,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if entry["dtype"] not in _DTYPES:
             raise HFCheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
-        out[name] = TensorInfo(path.name, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
-        end = max(end, entry["data_offsets"][1])
+        begin, stop = entry["data_offsets"]
+        out[name] = TensorInfo(path.name, _DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, 8 + n + stop)
+        end = max(end, stop)
     if 8 + n + end > size:
         raise HFCheckpointError(
             f"{path}: truncated: its header needs {8 + n + end} bytes, the file has {size}. Copy or download it again.")
@@ -97,12 +99,14 @@ def scan_hf_dir(hf_dir: str | Path) -> dict[str, TensorInfo]:
 
 
 class SafetensorsReader:
-    """Reads one tensor at a time from an HF directory (file handles opened on first use)."""
+    """Reads one tensor at a time from an HF directory into memory of its own.
+
+    Plain reads at the header's offsets rather than a memory map: mapped pages would count towards the process's
+    resident memory for as long as the file stays open, while this way only the returned tensor does."""
 
     def __init__(self, hf_dir: str | Path, infos: dict[str, TensorInfo] | None = None):
         self.dir = Path(hf_dir)
         self.infos = scan_hf_dir(self.dir) if infos is None else infos
-        self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return sorted(self.infos)
@@ -110,10 +114,13 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.infos:
             raise KeyError(f"tensor {name} is not in {self.dir}")
-        shard = self.infos[name].file
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.dir / shard, "pt")
-        return self._handles[shard].get_tensor(name)
+        info = self.infos[name]
+        buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+        with open(self.dir / info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                raise HFCheckpointError(f"{self.dir / info.file}: truncated while reading {name}.")
+        return buf.view(info.dtype).reshape(info.shape)
 
 
 def parse_size(text: str | int) -> int:

@@ -10,8 +10,13 @@ when no GPU is present; on a GPU machine it does nothing. Each fix names the meg
    schedules and p2p communication: a TorchFunctionMode maps them to the CPU, and `torch.cuda.current_device`
    answers "cpu". Not active inside autograd's backward of megatron's custom functions, so those must not
    create tensors on an integer device (none on the paths we use does).
-3. `torch.cuda.synchronize()` after host copies (dist_checkpointing's FileSystemWriterAsync.preload_tensors) and
+3. `Tensor.type()` strings: megatron's DistributedOptimizer and Float16 optimizer sort parameters by
+   `param.type() == "torch.cuda.FloatTensor"` (and Half/BFloat16) and refuse anything else; the mode answers
+   the CUDA name for a CPU tensor (only the no-argument form, which returns a name).
+4. `torch.cuda.synchronize()` after host copies (dist_checkpointing's FileSystemWriterAsync.preload_tensors) and
    batched p2p: there is no device work to wait for, so it becomes a no-op.
+5. `torch.cuda.current_stream()` in DDP's `start_grad_sync` (it waits on CUDA-graph events, which never exist
+   here): answered by a stream object whose waits do nothing.
 Everything else that would need CUDA is avoided by design rather than patched: the model uses its own SDPA core
 attention (no `get_default_causal_mask`), its own rotary embedding, its own norms (sequence-parallel aware), its
 own router (no weight move to the GPU in `Router.gating`), and the allgather token dispatcher on the CPU
@@ -104,9 +109,25 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func in (torch.Tensor.cuda,):
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if func is torch.Tensor.to and args and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for the current CUDA stream: every wait or synchronisation is already satisfied on the CPU."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 def apply() -> bool:
@@ -124,6 +145,7 @@ def apply() -> bool:
     # a GPU; the tracker's own `add` seeds the CPU generators.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
     _APPLIED = True

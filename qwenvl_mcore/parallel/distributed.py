@@ -48,6 +48,10 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
+    # Parameters are initialised from torch's default generator (CPU initialisation) before being split: the same
+    # seed on every rank of a pipeline stage keeps data-parallel replicas identical (megatron's DDP assumes it);
+    # stages differ so that their layers do.
+    torch.manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     model_parallel_cuda_manual_seed(seed)
 
 

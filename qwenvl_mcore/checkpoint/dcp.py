@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -55,10 +56,7 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.sizes:
-            n *= s
-        return n
+        return math.prod(self.sizes) * self.dtype.itemsize
 
 
 class _LazySavePlanner(DefaultSavePlanner):
@@ -158,7 +156,8 @@ class _RegionLoadPlanner(LoadPlanner):
         return central_plan
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        raise NotImplementedError("only tensors are read region by region")
+        # create_local_plan requests tensor regions only, so DCP never hands this planner bytes
+        raise RuntimeError(f"unexpected bytes item {read_item.dest_index.fqn} in a region read")
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         dest = self._dest[read_item.dest_index]

@@ -92,14 +92,3 @@ def prune(save_root: str, keep: int) -> list[str]:
         shutil.rmtree(path)
         removed.append(name)
     return removed
-
-
-def load_checkpoint(ckpt_dir: str, chunks, *, extra_sharded: dict | None = None) -> dict:
-    """Load model chunks from a checkpoint (any layout) and, when given, the other sharded state; returns
-    megatron's loaded state dict (common objects included) for the caller to restore the rest."""
-    from megatron.core import dist_checkpointing
-
-    model_io.load_model(ckpt_dir, chunks)
-    if not extra_sharded:
-        return dist_checkpointing.load_common_state_dict(ckpt_dir)
-    return dist_checkpointing.load(extra_sharded, ckpt_dir)

@@ -14,8 +14,11 @@ directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -114,13 +117,13 @@ def check_hf_checkpoint(hf_dir: str, args, config: dict) -> dict[str, hf_io.Tens
     return infos
 
 
-def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, staging: str, dtype_name: str | None, progress: bool):
+def _hf_to_mcore_rank(rank: int, world: int, hf_dir: str, infos: dict[str, hf_io.TensorInfo], staging: str,
+                      dtype_name: str | None, progress: bool):
     from qwenvl_mcore.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
     config = load_hf_config(hf_dir)
     args = args_from_hf_config(config)
-    infos = hf_io.scan_hf_dir(hf_dir)
     source_dtype = infos[next(h for _, _, hs in rules_for(args) for h in hs)].dtype
     dtype = DTYPES[dtype_name] if dtype_name else source_dtype
     layout = unsharded_layout(args, dtype)
@@ -172,10 +175,10 @@ def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, procs: int =
 
     config = load_hf_config(hf_dir)
     args = args_from_hf_config(config)
-    check_hf_checkpoint(hf_dir, args, config)
+    infos = check_hf_checkpoint(hf_dir, args, config)
     staging = model_io.prepare_output(out, overwrite=overwrite)
     try:
-        result = run_on_ranks(_hf_to_mcore_rank, procs, hf_dir, staging, dtype, progress)[0]
+        result = run_on_ranks(_hf_to_mcore_rank, procs, hf_dir, infos, staging, dtype, progress)[0]
     except BaseException:
         model_io.discard_output(staging)
         raise
@@ -184,23 +187,19 @@ def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, procs: int =
 
 
 # -- megatron -> HF ------------------------------------------------------------------------------------------
-def _export_plan(args, stored: dict, ctx: Context, out_dtype: torch.dtype | None):
+def _export_plan(layout: list[model_io.StoredParam], stored: dict, rules: dict, ctx: Context,
+                 out_dtype: torch.dtype | None):
     """(parameters with their stored dtype, {hf name: (shape, dtype)}): shapes from the transforms on meta tensors."""
-    rules = {m: rule for rule, m, _ in rules_for(args)}
     params, shapes = [], {}
-    for p in unsharded_layout(args, torch.float32):
+    for p in layout:
         dtype = stored[p.chunk.key].properties.dtype
         p = model_io.StoredParam(p.name, Chunk(p.chunk.key, p.chunk.global_shape, dtype, p.chunk.offsets,
                                                p.chunk.sizes), p.shape)
-        for h, t in zip(_hf_names(args)[p.name], rules[p.name].to_hf(torch.empty(p.shape, dtype=dtype, device="meta"),
-                                                                      ctx)):
+        rule, hf_names = rules[p.name]
+        for h, t in zip(hf_names, rule.to_hf(torch.empty(p.shape, dtype=dtype, device="meta"), ctx)):
             shapes[h] = (tuple(t.shape), out_dtype or dtype)
         params.append(p)
     return params, shapes
-
-
-def _hf_names(args) -> dict[str, tuple[str, ...]]:
-    return {m: hf for _, m, hf in rules_for(args)}
 
 
 def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, staging: str, out_dtype: str | None,
@@ -212,19 +211,19 @@ def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, stagin
     stored = tensor_metadata(ckpt_dir)
     ctx = Context(args, expert_layout=expert_layout)
     dtype = DTYPES[out_dtype] if out_dtype else None
+    layout = unsharded_layout(args, torch.float32)
     try:
-        model_io.check_fits(ckpt_dir, [p.chunk for p in unsharded_layout(args, torch.float32)])
+        model_io.check_fits(ckpt_dir, [p.chunk for p in layout])
     except model_io.CheckpointError as e:
         return {"error": str(e)}
-    params, shapes = _export_plan(args, stored, ctx, dtype)
+    rules = {m: (rule, hf) for rule, m, hf in rules_for(args)}
+    params, shapes = _export_plan(layout, stored, rules, ctx, dtype)
     names = sorted(shapes, key=_natural)
-    sizes = [(n, _nbytes(*shapes[n])) for n in names]
-    shards = hf_io.plan_shards(sizes, max_bytes)
-    hf_names = _hf_names(args)
-    by_hf = {h: p for p in params for h in hf_names[p.name]}
-    rules = {m: rule for rule, m, _ in rules_for(args)}
+    size_of = {n: math.prod(shape) * dt.itemsize for n, (shape, dt) in shapes.items()}
+    shards = hf_io.plan_shards([(n, size_of[n]) for n in names], max_bytes)
+    by_hf = {h: p for p in params for h in rules[p.name][1]}
     mine = [i for i in range(len(shards)) if i % world == rank]
-    total = sum(n for shard in (shards[i] for i in mine) for n in (_nbytes(*shapes[h]) for h in shard))
+    total = sum(size_of[h] for i in mine for h in shards[i])
     bar = _Progress(total, f"mcore2hf (process 1 of {world})", progress and rank == 0)
     for i in mine:
         wanted = set(shards[i])
@@ -233,23 +232,17 @@ def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, stagin
                                           for p in needed])
         tensors = {}
         for p, region in zip(needed, regions):
-            for h, t in zip(hf_names[p.name], rules[p.name].to_hf(region.reshape(p.shape), ctx)):
+            rule, hf_names = rules[p.name]
+            for h, t in zip(hf_names, rule.to_hf(region.reshape(p.shape), ctx)):
                 if h in wanted:
                     tensors[h] = t.to(shapes[h][1]).contiguous()
         hf_io.write_shard(os.path.join(staging, hf_io.shard_file_name(i, len(shards))), tensors)
-        bar.update(sum(_nbytes(*shapes[h]) for h in wanted))
+        bar.update(sum(size_of[h] for h in wanted))
         del tensors, regions
     bar.close()
     if rank == 0:
-        hf_io.write_index(staging, shards, sum(n for _, n in sizes))
-    return {"tensors": len(names), "shards": len(shards), "bytes": sum(n for _, n in sizes)}
-
-
-def _nbytes(shape, dtype) -> int:
-    n = torch.tensor([], dtype=dtype).element_size()
-    for s in shape:
-        n *= s
-    return n
+        hf_io.write_index(staging, shards, sum(size_of.values()))
+    return {"tensors": len(names), "shards": len(shards), "bytes": sum(size_of.values())}
 
 
 def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: str | None = None,
@@ -280,3 +273,16 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
         raise
     model_io.publish_output(staging, out)
     return results[0]
+
+
+def run_cli(convert, **kwargs) -> int:
+    """What both converter scripts do: run, print the result as one JSON line, or a clean error (exit 1)."""
+    start = time.time()
+    try:
+        result = convert(**kwargs)
+    except (ConversionError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result.update(out=kwargs["out"], seconds=round(time.time() - start, 2))
+    print(json.dumps(result))
+    return 0

@@ -4,6 +4,7 @@ time. Write sharded safetensors with an index, as transformers does."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -33,10 +34,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:

@@ -40,7 +40,6 @@ __all__ = [
     "randomize_weights",
     "save_tiny_hf_checkpoint",
     "to_released_expert_layout",
-    "released_style_config_dict",
     "sample_inputs",
     "collapse_video_wrappers",
     "sample_conversation",
@@ -579,7 +578,7 @@ def save_tiny_hf_checkpoint(
     if expert_layout == "transformers5":
         model.save_pretrained(out, max_shard_size=max_shard_size)
     else:
-        config_dict = released_style_config_dict(model.config)
+        config_dict = released_config_dict(model.config)
         config_dict["text_config"]["dtype"] = str(dtype).removeprefix("torch.")  # as the released files record it
         (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
@@ -606,9 +605,6 @@ def _save_processor(processor, out: Path) -> None:
     tok_cfg = json.loads(cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-released_style_config_dict = released_config_dict  # re-exported for the tests
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,7 @@ tensor at a time; N processes split the tensors. The output also holds the HF co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,18 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
-    from qwenvl_mcore.conversion.convert import USER_ERRORS, ConversionError, hf_to_mcore
+    from qwenvl_mcore.conversion.convert import hf_to_mcore, run_cli
 
-    start = time.time()
-    try:
-        result = hf_to_mcore(a.hf, a.out, dtype=a.dtype, procs=a.procs, overwrite=a.overwrite,
-                             progress=not a.no_progress)
-    except (ConversionError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    result.update(out=a.out, seconds=round(time.time() - start, 2))
-    print(json.dumps(result))
-    return 0
+    return run_cli(hf_to_mcore, hf_dir=a.hf, out=a.out, dtype=a.dtype, procs=a.procs, overwrite=a.overwrite,
+                   progress=not a.no_progress)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ the released fused layout unless asked otherwise. --config checks the checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,19 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
-    from qwenvl_mcore.conversion.convert import USER_ERRORS, ConversionError, mcore_to_hf
+    from qwenvl_mcore.conversion.convert import mcore_to_hf, run_cli
 
-    start = time.time()
-    try:
-        result = mcore_to_hf(a.mcore, a.out, config_dir=a.config, dtype=a.dtype, expert_layout=a.expert_layout,
-                             max_shard_size=a.max_shard_size, procs=a.procs, overwrite=a.overwrite,
-                             progress=not a.no_progress)
-    except (ConversionError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    result.update(out=a.out, seconds=round(time.time() - start, 2))
-    print(json.dumps(result))
-    return 0
+    return run_cli(mcore_to_hf, mcore=a.mcore, out=a.out, config_dir=a.config, dtype=a.dtype,
+                   expert_layout=a.expert_layout, max_shard_size=a.max_shard_size, procs=a.procs,
+                   overwrite=a.overwrite, progress=not a.no_progress)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ newest complete one, and only the last K kept.
 
 A step directory is a checkpoint in the sense of model_io (megatron torch_dist data + qwenvl_mcore.json + hf/),
 so it loads at any layout and exports with tools/convert/mcore2hf.py like a converted one. Every call here is
-collective: all ranks call it with their own model chunks and sharded state.
+collective: all ranks call it with their own sharded state.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(save_root: str, step: int, chunks, *, hf_dir: str, dtype: torch.dtype,
-                    extra_sharded: dict | None = None, common: dict | None = None, keep: int | None = None,
-                    kind: str = "training") -> str:
-    """Save model chunks (+ `extra_sharded`: optimizer and other sharded state; + `common`: plain objects saved
-    once) as `<save_root>/step_<step>`; `hf_dir` gives the config and processor files the checkpoint carries.
-    Returns the checkpoint path. The directory appears, and `latest` moves, only once everything is written."""
+def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtype: torch.dtype,
+                    keep: int | None = None, kind: str = "training") -> str:
+    """Save `state`, a megatron sharded state dict holding at least the model's (model_io.model_sharded_state_dict;
+    plus optimizer and other sharded state, and plain objects saved once), as `<save_root>/step_<step>`; `hf_dir`
+    gives the config and processor files the checkpoint carries. Returns the checkpoint path. The directory
+    appears, and `latest` moves, only once everything is written."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(save_root, step_dir_name(step))
@@ -61,9 +61,6 @@ def save_checkpoint(save_root: str, step: int, chunks, *, hf_dir: str, dtype: to
         os.makedirs(save_root, exist_ok=True)
         model_io.prepare_output(final, overwrite=True)
     _barrier()
-    state = model_io.model_sharded_state_dict(chunks)
-    state.update(extra_sharded or {})
-    state.update(common or {})
     dist_checkpointing.save(state, staging)
     _barrier()
     if _is_rank0():

@@ -1,4 +1,5 @@
-"""The only place where megatron-core is adapted to run without a GPU (CPU + gloo), for tests and CI.
+"""The only place where megatron-core is adapted: to run without a GPU (CPU + gloo, for tests and CI), and to
+resume its distributed optimizer with torch's Adam (no Apex or transformer-engine, on any machine).
 
 megatron-core 0.19.2 assumes CUDA on a few default code paths. `apply()` installs the smallest fixes, and only
 when no GPU is present; on a GPU machine it does nothing. Each fix names the megatron call it covers (see
@@ -17,6 +18,11 @@ when no GPU is present; on a GPU machine it does nothing. Each fix names the meg
    batched p2p: there is no device work to wait for, so it becomes a no-op.
 5. `torch.cuda.current_stream()` in DDP's `start_grad_sync` (it waits on CUDA-graph events, which never exist
    here): answered by a stream object whose waits do nothing.
+6. (any device, `apply_torch_adam_fix()`) Without Apex/transformer-engine the optimizer is torch's Adam, whose
+   per-parameter state holds a tensor `step`. `DistributedOptimizer._set_main_param_and_optimizer_states` copies
+   every tensor of that state from the loaded checkpoint, whose fully-reshardable parameter state never has
+   `step` (megatron restores it from the param groups): KeyError on every resume. The fix marks `step` as absent
+   (None), which that method already skips.
 Everything else that would need CUDA is avoided by design rather than patched: the model uses its own SDPA core
 attention (no `get_default_causal_mask`), its own rotary embedding, its own norms (sequence-parallel aware), its
 own router (no weight move to the GPU in `Router.gating`), and the allgather token dispatcher on the CPU
@@ -150,3 +156,22 @@ def apply() -> bool:
     _DEVICE_MODE.__enter__()
     _APPLIED = True
     return True
+
+
+_ADAM_FIX_APPLIED = False
+
+
+def apply_torch_adam_fix() -> None:
+    """Fix 6 (idempotent; harmless with Apex/TE, whose Adam keeps no tensor `step`)."""
+    global _ADAM_FIX_APPLIED
+    if _ADAM_FIX_APPLIED:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        return original(self, model_param, {"step": None, **tensors})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    _ADAM_FIX_APPLIED = True

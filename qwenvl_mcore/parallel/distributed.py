@@ -12,6 +12,9 @@ from qwenvl_mcore.parallel import cpu_compat
 from qwenvl_mcore.parallel.layout import ParallelLayout
 
 
+_PIPELINE_STATS_GROUP = None
+
+
 def device() -> torch.device:
     """The device this rank computes on: its local GPU, or the CPU when there is none."""
     if torch.cuda.is_available():
@@ -33,6 +36,7 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         cpu_compat.apply()
+    cpu_compat.apply_torch_adam_fix()
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
@@ -53,12 +57,35 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int
     # stages differ so that their layers do.
     torch.manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     model_parallel_cuda_manual_seed(seed)
+    global _PIPELINE_STATS_GROUP
+    _PIPELINE_STATS_GROUP = _new_gloo_group_like(parallel_state.get_pipeline_model_parallel_group()) if layout.pp > 1 else None
+
+
+def pipeline_stats_group():
+    """A gloo group over this rank's pipeline stages (None without pipelining): the routers' statistics are summed
+    over it asynchronously while the schedule's p2p traffic goes on in the pipeline group itself."""
+    return _PIPELINE_STATS_GROUP
+
+
+def _new_gloo_group_like(group):
+    """A gloo process group with the ranks of `group`; every rank creates every such group, in the same order."""
+    mine = dist.get_process_group_ranks(group)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, tuple(mine))
+    created = None
+    for ranks in sorted(set(everyone)):
+        g = dist.new_group(list(ranks), backend="gloo")
+        if list(ranks) == mine:
+            created = g
+    return created
 
 
 def destroy_distributed() -> None:
     """Tear down megatron's parallel state and the process group (safe to call twice)."""
     from megatron.core import parallel_state
 
+    global _PIPELINE_STATS_GROUP
+    _PIPELINE_STATS_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

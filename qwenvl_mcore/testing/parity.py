@@ -116,20 +116,22 @@ def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float 
     Ours runs through megatron's schedule (pipeline included). Gradients are reduced over TP for
     sequence-parallel parameters (as megatron's finalize_model_grads does), averaged over data parallelism as
     megatron's DDP does, then gathered to full HF tensors; each stage compares its own parameters.
-    Relative difference = max|g - g_ref| / max(max|g_ref|, 1e-6), per tensor. The aux-loss value is compared at
-    pp=1 only (its joint formula spans the layers of every stage).
+    Relative difference = max|g - g_ref| / max(max|g_ref|, 1e-6), per tensor. The aux-loss value (transformers'
+    formula over all layers of every stage) is compared on every rank.
     """
     for m in (*chunks, hf_model):
         m.train()
         m.zero_grad(set_to_none=True)
+    copies = _copies(to_inputs(batch))
     for m in chunks:
         m.aux_loss_coeff = aux_coef
+        m.aux_loss_scale = 1.0 / len(copies)  # the LM loss is averaged over the copies: so is the aux loss
     hf_model.config.text_config.router_aux_loss_coef = aux_coef
     # transformers adds coef * load_balancing_loss to its loss when the router logits are output.
     ref = hf_forward(hf_model, batch, aux=aux_coef > 0)
     ref.loss.backward()
     # copies of one batch: each micro-batch's mean loss is divided by their number, so gradients are unchanged
-    run_microbatches(chunks, _copies(to_inputs(batch)), forward_only=False, loss_for=loss_for_per_token)
+    run_microbatches(chunks, copies, forward_only=False, loss_for=loss_for_per_token)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_group = parallel_state.get_data_parallel_group()
     edp_group = parallel_state.get_expert_data_parallel_group()
@@ -156,11 +158,8 @@ def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float 
         if rel > worst or math.isnan(rel):
             worst, worst_name = rel, name
     aux_diff = None
-    if aux_coef > 0 and parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        aux = chunks[0].last_aux_loss.clone()
-        if chunks[0].config.sequence_parallel:
-            dist.all_reduce(aux, group=tp_group)  # each TP rank holds its tokens' share
-        aux_diff = abs(aux.item() - ref.aux_loss.item())
+    if aux_coef > 0:
+        aux_diff = max(abs(v - ref.aux_loss.item()) for v in chunks[0].routing.aux_losses())
     for m in (*chunks, hf_model):
         m.eval()
     return {"max_rel_grad_diff": worst, "worst_param": worst_name, "compared": sorted(ours), "aux_loss_diff": aux_diff}

@@ -11,6 +11,7 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from qwenvl_mcore.models.qwen3_vl_moe.model import MultimodalInputs
+from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
 
 # loss_for(batch) -> loss_func(output) -> (loss_sum, num_tokens, report): megatron's per-token-loss contract.
 LossFor = Callable[[MultimodalInputs], Callable[[torch.Tensor], tuple]]
@@ -21,7 +22,7 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], microbatches: Sequ
     """Run every micro-batch through the model chunks of this rank (one per virtual pipeline stage).
 
     Every rank receives the same micro-batches (each stage needs the token ids for MRoPE and masks; only the
-    first runs the ViT). Returns, on the last pipeline stage, one entry per micro-batch: the model's output when
+    first runs the ViT). The routers' statistics of the call are left in each chunk's `routing`. Returns, on the last pipeline stage, one entry per micro-batch: the model's output when
     `loss_for` is None (forward only), else the report of each loss_func; an empty list on other stages.
     """
     chunks = list(model_chunks)
@@ -33,14 +34,19 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], microbatches: Sequ
             f"micro-batches of different lengths {sorted(lengths)} need variable-length pipeline communication, "
             "which the allgather token dispatcher (CPU) cannot do: pad every micro-batch to one length."
         )
+    # A fresh record of the routers' statistics for this call, shared by the chunks of this rank (see routing.py).
+    routing = RoutingStats(unwrap(chunks[0]).args.text.num_experts)
+    for c in chunks:
+        unwrap(c).routing = routing
+    numbered = list(enumerate(microbatches))
     if len(chunks) > 1:
-        data = [iter(microbatches) for _ in chunks]  # each virtual stage walks the micro-batches once
+        data = [iter(numbered) for _ in chunks]  # each virtual stage walks the micro-batches once
     else:
-        data = iter(microbatches)
+        data = iter(numbered)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        return model(batch), (None if loss_for is None else loss_for(batch))
+        index, batch = next(data_iterator)
+        return model(batch, microbatch_index=index), (None if loss_for is None else loss_for(batch))
 
     return get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -63,3 +69,10 @@ def per_token_loss(batch: MultimodalInputs, output: torch.Tensor):
 
 def loss_for_per_token(batch: MultimodalInputs):
     return partial(per_token_loss, batch)
+
+
+def unwrap(module):
+    """The model inside DDP (and other `.module`) wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

@@ -4,10 +4,17 @@ optimisation applied in one place."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamKey,
+    ParamWithNamePredicate,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
@@ -42,8 +49,14 @@ def wrap_ddp(chunks: list, *, distributed_optimizer: bool) -> list:
     return wrapped
 
 
-def build_optimizer(chunks: list, settings: OptimSettings, *, steps: int):
-    """The (distributed) Adam optimizer over DDP-wrapped chunks (fp32 master weights) and its LR schedule."""
+def build_optimizer(chunks: list, settings: OptimSettings, *, steps: int,
+                    lr_overrides: list[tuple[Callable[[str], bool], float]] = ()):
+    """The (distributed) Adam optimizer over DDP-wrapped chunks (fp32 master weights) and its LR schedule.
+
+    `lr_overrides`: (name predicate, peak LR) pairs; matching parameters get that peak LR (their minimum scaled by
+    the same ratio), warmed up and decayed with the main schedule. Frozen parameters (requires_grad=False) are left
+    out by megatron.
+    """
     config = chunks[0].config
     opt_config = OptimizerConfig(
         optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
@@ -52,7 +65,11 @@ def build_optimizer(chunks: list, settings: OptimSettings, *, steps: int):
         use_distributed_optimizer=settings.distributed_optimizer,
         optimizer_cpu_offload=settings.cpu_offload and torch.cuda.is_available(),
     )
-    optimizer = get_megatron_optimizer(opt_config, chunks)
+    overrides = get_standard_config_overrides(opt_config)  # no weight decay on biases and norms
+    for predicate, lr in lr_overrides:
+        key = ParamKey(with_name_predicate=ParamWithNamePredicate(name=f"lr_{lr}", fn=lambda p, n, f=predicate: f(n)))
+        overrides[key] = {"max_lr": lr, "min_lr": lr * settings.min_lr / settings.lr if settings.lr else 0.0}
+    optimizer = get_megatron_optimizer(opt_config, chunks, config_overrides=overrides)
     decay = settings.decay_steps or steps
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if settings.warmup_steps else settings.lr, max_lr=settings.lr,
@@ -61,3 +78,39 @@ def build_optimizer(chunks: list, settings: OptimSettings, *, steps: int):
         lr_decay_style=settings.schedule, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
         wd_incr_steps=max(decay, 1), wd_incr_style="constant")
     return optimizer, scheduler
+
+
+@torch.no_grad()
+def allocate_optimizer_state(optimizer) -> None:
+    """Create Adam's per-parameter state before a checkpoint is loaded into it.
+
+    megatron's DistributedOptimizer builds the sharded state to load into from its own state_dict(), which reads
+    the Adam step of every parameter; torch's Adam creates that state on its first step only (the fused Adam of
+    Apex/transformer-engine preallocates it, and neither is installed here). One step with zero gradients, zero LR
+    and zero weight decay allocates it without changing a weight; the load then overwrites it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state):
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """megatron's optimizer.load_state_dict, then give every parameter its own Adam `step` tensor: without
+    Apex/TE megatron restores one shared tensor into all of them, which torch's Adam then increments once per
+    parameter in every step (wrong bias correction after a resume)."""
+    optimizer.load_state_dict(state)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for param_state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()

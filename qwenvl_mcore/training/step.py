@@ -3,12 +3,17 @@
 The loss of a step is the mean over every loss token of the global batch (all micro-batches, all data-parallel
 ranks), not a mean of per-micro-batch means: each micro-batch returns its loss *sum* and token count, megatron's
 `finalize_model_grads` divides the summed gradients by the global token count (`calculate_per_token_loss`).
-The MoE load-balancing loss is transformers' per-batch formula averaged over the micro-batches of all DP ranks,
-added once: its gradient is pre-multiplied by global tokens / (micro-batches x DP) to survive that division.
+The MoE load-balancing loss is transformers' formula per micro-batch (over all layers, see routing.py), averaged
+over the micro-batches of all DP ranks and added once: its gradient is pre-multiplied by
+global tokens / (micro-batches x DP) to survive that division. With M micro-batches of a fixed global batch on D
+ranks, M x D is the same for every layout, so the objective does not depend on the DP size.
+
+A step whose loss or gradient norm is not finite changes nothing (no update, no LR step) and is reported.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,22 +22,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs
-from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches
-
-
-def unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
 
 
 @dataclass
 class StepResult:
     loss: float  # global token-mean LM loss of the step (same value on every rank)
     tokens: int  # loss tokens in the global batch
-    aux_loss: float | None  # mean load-balancing loss over micro-batches and DP ranks (None when off)
-    grad_norm: float | None
-    skipped: bool  # the optimizer skipped the update (non-finite gradients)
+    aux_loss: float | None  # load-balancing loss: mean over micro-batches and DP ranks (None when not recorded)
+    grad_norm: float | None  # before clipping; None when skipped
+    skipped: bool  # no update: non-finite loss or gradients
+    expert_load: list[float] | None = None  # per layer: max / mean tokens per expert over the global batch
+    aux_coeff: float = 0.0
+
+    @property
+    def total_loss(self) -> float:
+        """The optimised objective: LM loss + coefficient x aux loss."""
+        return self.loss + self.aux_coeff * (self.aux_loss or 0.0)
 
 
 def global_token_count(microbatches: Sequence[MultimodalInputs]) -> int:
@@ -51,11 +57,19 @@ def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]
         unwrap(c).aux_loss_scale = tokens / (len(microbatches) * dp)
     optimizer.zero_grad()
     reports = run_microbatches(chunks, microbatches, forward_only=False, loss_for=loss_for_per_token)
+    loss = _reduce_loss(reports) / max(tokens, 1)
+    model = unwrap(chunks[0])
+    aux = _mean_aux(model.routing)
+    load = expert_load(chunks)
+    # The gradient norm is checked before the update (megatron's step would apply NaN gradients in bf16/fp32).
+    optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm())
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        return StepResult(loss=loss, tokens=tokens, aux_loss=aux, grad_norm=None, skipped=True, expert_load=load,
+                          aux_coeff=model.aux_loss_coeff)
     updated, grad_norm, _ = optimizer.step()
-    loss = _reduce_loss(reports)
-    aux = _mean_aux(chunks, len(microbatches))
-    return StepResult(loss=loss / max(tokens, 1), tokens=tokens, aux_loss=aux,
-                      grad_norm=None if grad_norm is None else float(grad_norm), skipped=not updated)
+    return StepResult(loss=loss, tokens=tokens, aux_loss=aux, grad_norm=None if grad_norm is None else float(grad_norm),
+                      skipped=not updated, expert_load=load, aux_coeff=model.aux_loss_coeff)
 
 
 def _reduce_loss(reports: list) -> float:
@@ -69,16 +83,28 @@ def _reduce_loss(reports: list) -> float:
     return float(total.item())
 
 
-def _mean_aux(chunks: list, n_micro: int) -> float | None:
-    """Load-balancing loss of the last micro-batch per stage chunk, summed over stages, averaged over DP; for
-    logging (exact transformers value at pp=1)."""
-    values = [unwrap(c).last_aux_loss for c in chunks]
-    if any(v is None for v in values):
+def _mean_aux(routing) -> float | None:
+    """Mean of the micro-batches' load-balancing losses over this rank's micro-batches and the DP ranks (each
+    micro-batch's value already spans every layer, SP rank and pipeline stage)."""
+    values = routing.aux_losses() if routing is not None else []
+    if not values:
         return None
-    aux = torch.stack([v.float() for v in values]).sum().reshape(1).double()
-    if unwrap(chunks[0]).config.sequence_parallel:
-        dist.all_reduce(aux, group=parallel_state.get_tensor_model_parallel_group())
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total[0] / total[1])
+
+
+def expert_load(chunks: list) -> list[float] | None:
+    """Per LLM layer, max / mean tokens per expert over the global batch of the last schedule call (1.0 is
+    perfectly balanced); the same list on every rank."""
+    model = unwrap(chunks[0])
+    if model.routing is None or not model.routing.micro:
+        return None
+    counts = model.routing.layer_counts(model.args.text.num_hidden_layers)
+    if model.config.sequence_parallel:
+        dist.all_reduce(counts, group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(aux, group=parallel_state.get_pipeline_model_parallel_group())
-    dist.all_reduce(aux, group=parallel_state.get_data_parallel_group())
-    return float(aux.item()) / parallel_state.get_data_parallel_world_size()
+        dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+    mean = counts.mean(dim=1).clamp_min(1e-12)
+    return (counts.max(dim=1).values / mean).tolist()

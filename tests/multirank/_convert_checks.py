@@ -40,6 +40,6 @@ def load_check_save(rank: int, world: int, layout_kwargs: dict, hf_dir: str, mco
     for c in chunks:
         c.eval()
     report = parity.compare_forward(chunks, hf, tiny.sample_inputs(processor, "image_video"))
-    manager.save_checkpoint(save_root, 3, chunks, hf_dir=os.path.join(mcore_dir, model_io.HF_SUBDIR),
-                            dtype=torch.float32)
+    manager.save_checkpoint(save_root, 3, model_io.model_sharded_state_dict(chunks),
+                            hf_dir=os.path.join(mcore_dir, model_io.HF_SUBDIR), dtype=torch.float32)
     return {"unequal": unequal, "compared": compared, "forward": report}

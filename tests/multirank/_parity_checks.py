@@ -10,7 +10,7 @@ from qwenvl_mcore.testing import parity, tiny
 
 def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_overrides: dict | None = None) -> dict:
     """Forward reports (last pipeline stage only; None elsewhere), MRoPE equality (rank 0), and gradient reports
-    (every stage: its own parameters); the aux-loss gradient check runs only without pipelining."""
+    (every stage: its own parameters); the aux-loss check too."""
     layout = ParallelLayout(**layout_kwargs)
     parity.start(layout)
     tokenizer = tiny.build_tokenizer()
@@ -33,7 +33,6 @@ def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_ov
     if grads:
         out["n_hf_params"] = len(list(hf.parameters()))
         out["grad"] = parity.compare_gradients(chunks, hf, tiny.sample_inputs(processor, "image_video"), ctx)
-        if layout.pp == 1:
-            out["grad_aux"] = parity.compare_gradients(chunks, hf, tiny.sample_inputs(processor, "padded_batch"),
-                                                       ctx, aux_coef=0.5)
+        out["grad_aux"] = parity.compare_gradients(chunks, hf, tiny.sample_inputs(processor, "padded_batch"), ctx,
+                                                   aux_coef=0.5)
     return out

@@ -93,11 +93,12 @@ class DeepStackTransformerBlock(TransformerBlock):
     """megatron's TransformerBlock whose forward adds DeepStack features after global layers 0..n-1.
 
     The loop is ours (megatron's block has no per-layer hook); everything else (layers, final norm, sharded
-    state dict, PP offsets) is megatron's. Full activation recompute checkpoints each layer.
+    state dict, PP offsets) is megatron's. Full activation recompute checkpoints each layer. `routing_record`
+    (routing.MicroBatchRouting) receives the routers' statistics while training.
     """
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, padding_mask=None,
-                deepstack: DeepStackInputs | None = None, **unused):
+                deepstack: DeepStackInputs | None = None, routing_record=None, **unused):
         if not self.pre_process:
             hidden_states = self.input_tensor
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
@@ -108,8 +109,14 @@ class DeepStackTransformerBlock(TransformerBlock):
         with rng:
             for local_index, layer in enumerate(self.layers):
                 def run(h, layer=layer):
-                    return layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
-                                 padding_mask=padding_mask)[0]
+                    # set here, inside the (possibly recomputed) function, so a recompute during the backward of
+                    # this micro-batch records into this micro-batch's statistics
+                    layer.mlp.router.routing_record = routing_record
+                    try:
+                        return layer(hidden_states=h, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                     padding_mask=padding_mask)[0]
+                    finally:
+                        layer.mlp.router.routing_record = None
 
                 if recompute:
                     hidden_states = tensor_parallel.checkpoint(run, False, hidden_states)

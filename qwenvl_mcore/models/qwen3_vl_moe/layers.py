@@ -4,7 +4,6 @@ the grouped experts. They run on the CPU and on the GPU; the math follows transf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+from qwenvl_mcore.models.qwen3_vl_moe.routing import AuxLossGradient
 
 
 class Norm(torch.nn.Module):
@@ -78,45 +79,40 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
-@dataclass
-class RouterStats:
-    """One router's statistics over the valid tokens of its (sequence-parallel) slice, for the aux loss."""
-
-    prob_sum: torch.Tensor  # [E] sum of softmax probabilities (carries the gradient)
-    counts: torch.Tensor  # [E] number of top-k assignments (no gradient)
-    tokens: torch.Tensor  # scalar, number of valid tokens
-
-
 class Qwen3VLRouter(TopKRouter):
     """Megatron's top-k router in fp32, recording what transformers' load-balancing loss needs.
 
     With `moe_router_pre_softmax=False` megatron takes top-k of the logits and softmaxes over the k, which equals
-    transformers' softmax over all experts, top-k, renormalised (norm_topk_prob). While training, the
-    per-layer statistics are kept in `self.stats` for the model to turn into the aux loss (see
-    `model.load_balancing_loss`). The gate stays on the input's device (megatron's `gating` moves it to CUDA).
+    transformers' softmax over all experts, top-k, renormalised (norm_topk_prob). While `routing_record` is set
+    (training), the layer's assignments, summed probabilities and valid-token count go into it, and the aux-loss
+    gradient is attached to the probabilities (see routing.py). The gate stays on the input's device (megatron's
+    `gating` moves it to CUDA).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.stats: RouterStats | None = None
-        self.record_stats = False
+        self.routing_record = None  # routing.MicroBatchRouting of the micro-batch being run, set by the block
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         return router_gating_linear(input, self.weight, self.bias, torch.float32)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
-        if self.record_stats:
-            scores = torch.softmax(logits.reshape(-1, self.num_experts).float(), dim=-1)
-            assigned = routing_map.reshape(-1, self.num_experts)
-            if padding_mask is not None:
-                # megatron's padding_mask is True at padding tokens (its docstring says otherwise; its code, used here, agrees)
-                valid = (~padding_mask.reshape(-1, 1).bool()).to(scores.dtype)
-                scores, assigned = scores * valid, assigned * valid.bool()
-                tokens = valid.sum()
-            else:
-                tokens = torch.tensor(float(scores.shape[0]), device=scores.device)
-            self.stats = RouterStats(scores.sum(0), assigned.sum(0).float().detach(), tokens.detach())
+        record = self.routing_record
+        if record is None:
+            return probs, routing_map
+        scores = torch.softmax(logits.reshape(-1, self.num_experts).float(), dim=-1)
+        assigned = routing_map.reshape(-1, self.num_experts)
+        if padding_mask is not None:
+            # megatron's padding_mask is True at padding tokens (its docstring says otherwise; its code, used here, agrees)
+            valid = ~padding_mask.reshape(-1).bool()
+        else:
+            valid = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+        weights = valid.to(scores.dtype).reshape(-1, 1)
+        record.record(self.layer_number, (assigned & valid.reshape(-1, 1)).sum(0),
+                      (scores * weights).sum(0), valid.sum())
+        if record.coeff_scale > 0:
+            probs = AuxLossGradient.apply(probs, scores, valid, record)
         return probs, routing_map
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.enums import ModelType
@@ -24,28 +23,14 @@ from qwenvl_mcore.models.qwen3_vl_moe.language import (
     VisualScatter,
     language_layer_spec,
 )
-from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm, Qwen3VLRouter
+from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
+from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
 from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index
 from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
+from qwenvl_mcore.parallel.distributed import pipeline_stats_group
 from qwenvl_mcore.parallel.layout import ParallelLayout
 
 IGNORE_INDEX = -100
-
-
-class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on `output` whose backward also sends d(loss)/d(aux) = `scale` into `aux` (so the aux loss trains
-    the routers of this pipeline stage without being added to the last stage's loss)."""
-
-    @staticmethod
-    def forward(ctx, output, aux, scale: float):
-        ctx.save_for_backward(aux)
-        ctx.scale = scale
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (aux,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux, ctx.scale), None
 
 
 @dataclass
@@ -72,8 +57,9 @@ class Qwen3VLMoeModel(MegatronModule):
 
     forward() returns, on the last stage, per-token losses [b, s] (fp32, 0 where the label is ignored) when
     labels are given, else logits [b, s, vocab/tp]; on other stages the hidden states [s(/tp), b, h] for the
-    next stage. The load-balancing loss (transformers' formula) of this stage's routers is attached to the
-    gradient with weight `aux_loss_coeff * aux_loss_scale`; its value is kept in `last_aux_loss`.
+    next stage. While training, when `routing` (a routing.RoutingStats, set by the schedule) is given, the
+    routers record into it and the load-balancing loss (transformers' formula over all layers) enters the gradient
+    with weight `aux_loss_coeff * aux_loss_scale`.
     """
 
     def __init__(self, args: Qwen3VLMoeArgs, layout: ParallelLayout, *, dtype: torch.dtype = torch.float32,
@@ -89,7 +75,8 @@ class Qwen3VLMoeModel(MegatronModule):
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.aux_loss_coeff = args.text.router_aux_loss_coef if aux_loss_coeff is None else aux_loss_coeff
         self.aux_loss_scale = 1.0
-        self.last_aux_loss: torch.Tensor | None = None
+        self.routing: RoutingStats | None = None
+        self.pp_stats_group = pipeline_stats_group() if layout.pp > 1 else None
         self.share_embeddings_and_output_weights = args.tie_word_embeddings
         if args.tie_word_embeddings and layout.pp > 1:
             raise ValueError("tie_word_embeddings=true with pipeline parallelism is not supported; use parallel.pp=1.")
@@ -129,9 +116,6 @@ class Qwen3VLMoeModel(MegatronModule):
         return None
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def _routers(self) -> list[Qwen3VLRouter]:
-        return [layer.mlp.router for layer in self.decoder.layers]
-
     def position_ids(self, batch: MultimodalInputs) -> torch.Tensor:
         """MRoPE position ids [3, b, s] as transformers' get_rope_index computes them."""
         if batch.position_ids is not None:
@@ -190,7 +174,7 @@ class Qwen3VLMoeModel(MegatronModule):
         allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)[None]
         return ~allowed[:, None]
 
-    def forward(self, batch: MultimodalInputs) -> torch.Tensor:
+    def forward(self, batch: MultimodalInputs, microbatch_index: int = 0) -> torch.Tensor:
         tp = self.config.tensor_model_parallel_size
         sp = self.config.sequence_parallel
         b, s_orig = batch.input_ids.shape
@@ -225,12 +209,15 @@ class Qwen3VLMoeModel(MegatronModule):
         else:
             hidden = None
 
-        routers = self._routers()
-        for r in routers:
-            r.record_stats = self.training and self.aux_loss_coeff > 0 and torch.is_grad_enabled()
+        record = None
+        if self.routing is not None and self.training and torch.is_grad_enabled():
+            record = self.routing.for_microbatch(microbatch_index)
+            record.coeff_scale = float(self.aux_loss_coeff * self.aux_loss_scale)
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
-                              padding_mask=padding_mask, deepstack=deepstack)
-        hidden = self._attach_aux_loss(hidden, routers)
+                              padding_mask=padding_mask, deepstack=deepstack, routing_record=record)
+        if record is not None:
+            record.publish([layer.layer_number for layer in self.decoder.layers],
+                           sp_group=self.tp_group if sp else None, pp_group=self.pp_stats_group)
 
         if not self.post_process:
             return hidden
@@ -245,17 +232,15 @@ class Qwen3VLMoeModel(MegatronModule):
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
         return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
 
-    def _attach_aux_loss(self, hidden: torch.Tensor, routers: list[Qwen3VLRouter]) -> torch.Tensor:
-        stats = [r.stats for r in routers if r.stats is not None]
-        for r in routers:
-            r.stats, r.record_stats = None, False
-        if not stats:
-            self.last_aux_loss = None
-            return hidden
-        aux = load_balancing_loss(stats, num_experts=self.args.text.num_experts,
-                                  group=self.tp_group if self.config.sequence_parallel else None)
-        self.last_aux_loss = aux.detach()
-        return _AttachAuxLoss.apply(hidden, aux, float(self.aux_loss_coeff * self.aux_loss_scale))
+
+def parameter_part(name: str) -> str:
+    """Which part a parameter of Qwen3VLMoeModel belongs to: "vision" (ViT patch/position embeddings and blocks),
+    "merger" (the merger and the DeepStack mergers) or "language" (everything else). Wrapper prefixes allowed."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    if name.startswith(("vision.merger.", "vision.deepstack_mergers.")):
+        return "merger"
+    return "vision" if name.startswith("vision.") else "language"
 
 
 def build_model_chunks(args: Qwen3VLMoeArgs, layout: ParallelLayout, **kwargs) -> list[Qwen3VLMoeModel]:
@@ -263,26 +248,6 @@ def build_model_chunks(args: Qwen3VLMoeArgs, layout: ParallelLayout, **kwargs) -
     if layout.vpp is None or layout.vpp == 1:
         return [Qwen3VLMoeModel(args, layout, **kwargs)]
     return [Qwen3VLMoeModel(args, layout, vp_stage=i, **kwargs) for i in range(layout.vpp)]
-
-
-def load_balancing_loss(stats, *, num_experts: int, group=None) -> torch.Tensor:
-    """transformers' load_balancing_loss_func over the given layers' router statistics.
-
-    loss = E * sum_e f_e * P_e with f_e the fraction of (layer, token) top-k assignments to expert e and P_e the
-    mean router probability of e, both over all layers and valid tokens together. Under sequence parallelism
-    each rank holds a slice of the tokens: counts are summed over `group`, and the returned value is this rank's
-    share (its own tokens' probabilities), so that the shares sum to the loss and each rank's gradient reaches
-    exactly its own tokens.
-    """
-    prob_sum = torch.stack([s.prob_sum for s in stats]).sum(0)
-    counts = torch.stack([s.counts for s in stats]).sum(0)
-    tokens = torch.stack([s.tokens for s in stats]).sum()
-    if group is not None and dist.get_world_size(group) > 1:
-        packed = torch.cat([counts, tokens.reshape(1)])
-        dist.all_reduce(packed, group=group)
-        counts, tokens = packed[:-1], packed[-1]
-    tokens = tokens.clamp_min(1.0)
-    return num_experts * torch.sum((counts / tokens) * (prob_sum / tokens))
 
 
 def _pad_to_multiple(batch: MultimodalInputs, multiple: int) -> MultimodalInputs:

@@ -1,0 +1,58 @@
+"""Entry point of a training run: `python -m qwenvl_mcore.train [Hydra overrides ...]`, one process per rank
+(torchrun, or launch/ scripts). Examples:
+
+    torchrun --nproc-per-node 4 -m qwenvl_mcore.train experiment=debug_cpu_tp2_ep2
+    torchrun ... -m qwenvl_mcore.train experiment=sft_30b_a3b_2x8xh100 model.init_from=ckpt/qwen3vl-30b optim.lr=5e-6
+
+The run resumes by itself from <checkpoint.dir>/latest. Exit status: 0 done, 143 stopped by SIGTERM/SIGUSR1 after
+checkpointing (start the same command again to resume), 3 too many non-finite steps, 2 bad configuration or input.
+`--print-config` prints the resolved configuration and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_CODES = {"completed": 0, "preempted": 143, "bad_steps": 3}
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    from qwenvl_mcore.checkpoint.model_io import CheckpointError
+    from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError
+    from qwenvl_mcore.parallel.layout import LayoutError
+    from qwenvl_mcore.training.config import ConfigError, compose
+
+    rank = int(os.environ.get("RANK", "0"))
+    print_only = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
+    try:
+        cfg = compose(argv)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if print_only:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return 0
+    from qwenvl_mcore.parallel.distributed import destroy_distributed
+    from qwenvl_mcore.training.trainer import train
+
+    try:
+        status = train(cfg)
+    except (ConfigError, CheckpointError, ModelConfigError, LayoutError) as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        destroy_distributed()
+    return EXIT_CODES[status]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

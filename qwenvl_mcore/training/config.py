@@ -1,0 +1,205 @@
+"""The typed schema of a training run and its composition from `conf/` with Hydra.
+
+`conf/train.yaml` holds only a defaults list; every group file and every command-line override is merged onto
+the dataclasses below (registered in Hydra's ConfigStore as `train_schema`), so an unknown or misspelled key, or
+a value of the wrong type, stops the run before anything starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from qwenvl_mcore.parallel.layout import ParallelLayout
+from qwenvl_mcore.training.setup import OptimSettings
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConf:
+    flavor: str = "debug"  # debug | qwen3_vl_30b_a3b | qwen3_vl_235b_a22b
+    # A converted checkpoint (tools/convert/hf2mcore.py) or a training step/save directory whose weights start the
+    # run; its architecture must be the flavor's. None: random initialisation.
+    init_from: Optional[str] = None
+    dtype: str = "fp32"  # fp32 | bf16: parameters and compute (the optimizer keeps fp32 master weights)
+    aux_loss_coeff: Optional[float] = None  # None: text_config.router_aux_loss_coef
+    freeze_vision: bool = False  # ViT patch/position embeddings and blocks
+    freeze_merger: bool = False  # the merger and the DeepStack mergers
+    freeze_language: bool = False  # token embeddings, decoder layers, final norm and LM head
+    recompute: str = "none"  # none | selective (core attention) | full (whole layers)
+    recompute_num_layers: int = 1  # full recompute: layers per checkpointed group (uniform)
+
+
+# The parallel group mirrors ParallelLayout field for field (one source of truth); OmegaConf needs a mutable class.
+ParallelConf = dataclasses.make_dataclass(
+    "ParallelConf",
+    [(f.name, typing.get_type_hints(ParallelLayout)[f.name], f.default) for f in dataclasses.fields(ParallelLayout)],
+)
+
+
+@dataclass
+class OptimConf(OptimSettings):
+    vision_lr: Optional[float] = None  # None: optim.lr (the schedule scales it like the main LR)
+    merger_lr: Optional[float] = None
+
+
+@dataclass
+class DataConf:
+    source: str = "synthetic"  # synthetic: deterministic multimodal conversations rendered by the model's processor
+    processor: Optional[str] = None  # directory with the tokenizer/processor files; default: the checkpoint's hf/
+    num_samples: int = 64
+    valid_samples: int = 16
+    seq_length: int = 256  # every micro-batch is padded to this length
+    global_batch_size: int = 8  # samples per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    kinds: list[str] = field(default_factory=lambda: ["text", "image", "video", "image_video"])
+
+
+@dataclass
+class CheckpointConf:
+    dir: str = "${trainer.dir}/checkpoints"
+    every: int = 0  # save every N steps (0: only at the end, on SIGTERM and when stopping on bad steps)
+    keep: int = 3  # newest step directories kept
+    resume: bool = True  # continue from dir/latest when it exists
+
+
+@dataclass
+class LoggingConf:
+    dir: str = "${trainer.dir}/logs"
+    every: int = 1  # console line and tensorboard/wandb points every N steps (metrics.jsonl gets every step)
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "qwenvl-mcore"
+    wandb_mode: str = "offline"  # offline | online
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs (H100/H200/A100/B200), else no MFU
+    sample_ids: bool = False  # write the dataset indices of every step to metrics.jsonl
+
+
+@dataclass
+class TrainerConf:
+    name: str = "debug"
+    dir: str = "runs/${trainer.name}"
+    steps: int = 30
+    seed: int = 1234
+    eval_every: int = 0  # validation loss every N steps (0: never)
+    eval_batches: int = 1  # global batches per validation
+    max_consecutive_skips: int = 5  # non-finite loss/gradient steps in a row before the run stops
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    parallel: ParallelConf = field(default_factory=ParallelConf)  # type: ignore[valid-type]
+    optim: OptimConf = field(default_factory=OptimConf)
+    data: DataConf = field(default_factory=DataConf)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    logging: LoggingConf = field(default_factory=LoggingConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+_CHOICES = {
+    "model.dtype": ("fp32", "bf16"),
+    "model.recompute": ("none", "selective", "full"),
+    "optim.schedule": ("cosine", "constant", "linear"),
+    "data.source": ("synthetic",),
+    "logging.wandb_mode": ("offline", "online"),
+}
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), *, config_name: str = "train") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra command-line `overrides`, validated against the schema."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _explain(error: BaseException) -> str:
+    """Hydra's message plus its cause's (which names the key and what is wrong), without the advice to append."""
+    lines = [str(error).split("\n")[0]]
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        first = str(cause).split("\n")[0]
+        if first and first not in lines and "$VALUE" not in first:
+            lines.append(first)
+        cause = cause.__cause__ or cause.__context__
+    return "configuration: " + ": ".join(lines) + " (see conf/ and qwenvl_mcore/training/config.py for the keys)"
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks the schema cannot express: choices, positive sizes, batch arithmetic, and no value left MISSING."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # keys added with Hydra's `+key=value` bypass the struct check; a fresh schema catches them
+        schema = OmegaConf.structured(TrainConfig)
+        OmegaConf.set_struct(schema, True)
+        OmegaConf.merge(schema, OmegaConf.to_container(cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"configuration: {str(e).splitlines()[0]}") from None
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"configuration: no value for {', '.join(sorted(missing))}; set it on the command line.")
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}.")
+    for key in ("trainer.steps", "data.num_samples", "data.seq_length", "data.global_batch_size",
+                "data.micro_batch_size", "checkpoint.keep", "logging.every", "trainer.max_consecutive_skips"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be at least 1.")
+    if cfg.data.global_batch_size % cfg.data.micro_batch_size:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of data.micro_batch_size="
+            f"{cfg.data.micro_batch_size}.")
+    try:
+        layout_of(cfg).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.freeze_vision and cfg.model.freeze_merger and cfg.model.freeze_language:
+        raise ConfigError("model.freeze_vision, freeze_merger and freeze_language are all true: nothing would train.")
+
+
+def layout_of(cfg: DictConfig) -> ParallelLayout:
+    return ParallelLayout(**OmegaConf.to_container(cfg.parallel))
+
+
+def optim_settings_of(cfg: DictConfig) -> OptimConf:
+    return OptimConf(**OmegaConf.to_container(cfg.optim))
+
+
+def data_parallel_microbatches(cfg: DictConfig, dp: int) -> int:
+    """Micro-batches per rank and step: global batch / (micro batch x data-parallel size); a clear error otherwise."""
+    per_step = cfg.data.micro_batch_size * dp
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of data.micro_batch_size x "
+            f"data-parallel size = {cfg.data.micro_batch_size} x {dp}: change the batch sizes or the layout.")
+    return cfg.data.global_batch_size // per_step
+
+
+__all__ = ["MISSING", "ConfigError", "TrainConfig", "compose", "validate", "layout_of", "optim_settings_of",
+           "data_parallel_microbatches"]

@@ -1,0 +1,399 @@
+"""The SFT loop: build everything a run needs from its config, resume from `latest` when a checkpoint exists, train,
+validate, log, checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1, after too many bad steps).
+
+Every rank runs this; the data position is global (`consumed_samples`), so a run resumes at any layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from omegaconf import DictConfig, OmegaConf
+
+from qwenvl_mcore.checkpoint import manager, model_io
+from qwenvl_mcore.data.collate import collate
+from qwenvl_mcore.data.sampler import GlobalBatchSampler, shard_for_rank, split_microbatches
+from qwenvl_mcore.data.synthetic import SyntheticConversations
+from qwenvl_mcore.models.qwen3_vl_moe.config import (
+    args_from_hf_config,
+    flavor_hf_config,
+    load_hf_config,
+    released_config_dict,
+)
+from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks, parameter_part
+from qwenvl_mcore.parallel.distributed import init_distributed
+from qwenvl_mcore.training import metrics as metrics_lib
+from qwenvl_mcore.training.config import ConfigError, data_parallel_microbatches, layout_of, optim_settings_of
+from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
+from qwenvl_mcore.training.setup import allocate_optimizer_state, build_optimizer, load_optimizer_state, wrap_ddp
+from qwenvl_mcore.training.step import train_step
+
+# Exit statuses of a run, as the entry point returns them.
+COMPLETED, PREEMPTED, BAD_STEPS = "completed", "preempted", "bad_steps"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads at any TP/PP/EP/DP layout
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps attempted (skipped ones included)
+    consumed_samples: int = 0  # global data position: samples of all ranks so far
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    layout: object
+    args: object
+    chunks: list  # DDP-wrapped model chunks of this rank
+    optimizer: object
+    scheduler: object
+    hf_dir: str  # config + processor files carried into every checkpoint
+    processor: object
+    pad_token_id: int
+    state: TrainState
+
+
+# -- building ------------------------------------------------------------------------------------------------------
+def model_source(cfg: DictConfig) -> tuple[object, str | None, str | None]:
+    """(model args, HF side-file directory or None, checkpoint to initialise from or None). A checkpoint's
+    architecture must be the flavor's: a mismatch is an error naming both."""
+    flavor_args = args_from_hf_config(flavor_hf_config(cfg.model.flavor))
+    if not cfg.model.init_from:
+        return flavor_args, None, None
+    ckpt = model_io.resolve_checkpoint_dir(cfg.model.init_from)
+    model_io.read_info(ckpt)
+    hf_dir = os.path.join(ckpt, model_io.HF_SUBDIR)
+    args = args_from_hf_config(load_hf_config(hf_dir))
+    if args != flavor_args:
+        differ = [k for k, v in args.as_dict()["text"].items() if flavor_args.as_dict()["text"][k] != v]
+        differ += [f"vision.{k}" for k, v in args.as_dict()["vision"].items() if flavor_args.as_dict()["vision"][k] != v]
+        raise ConfigError(f"model.init_from={cfg.model.init_from} holds another architecture than "
+                          f"model.flavor={cfg.model.flavor} (differs in {', '.join(differ) or 'token ids'}): "
+                          "choose the flavor of the checkpoint.")
+    return args, hf_dir, ckpt
+
+
+def _prepare_hf_dir(cfg: DictConfig, args, source_hf_dir: str | None) -> str:
+    """The HF side files a checkpoint carries: the init checkpoint's, else <trainer.dir>/hf written once here
+    (the flavor's config in the released spelling, and the processor from data.processor or the tiny one)."""
+    if source_hf_dir is not None:
+        return source_hf_dir
+    out = os.path.join(cfg.trainer.dir, "hf")
+    if dist.get_rank() == 0:
+        import json
+
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(released_config_dict(args.hf_config), f, indent=2)
+        if cfg.data.processor:
+            model_io.copy_hf_side_files(cfg.data.processor, out)
+        elif cfg.model.flavor == "debug":
+            from qwenvl_mcore.testing import tiny
+
+            tiny.build_processor(tiny.build_tokenizer()).save_pretrained(out)
+        else:
+            raise ConfigError(f"model.flavor={cfg.model.flavor} without model.init_from needs data.processor=<dir with "
+                              "the tokenizer and processor files> (or start from a converted checkpoint).")
+    dist.barrier()
+    return out
+
+
+def _load_processor(cfg: DictConfig, hf_dir: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(cfg.data.processor or hf_dir)
+
+
+def _recompute_overrides(cfg: DictConfig) -> dict:
+    if cfg.model.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=cfg.model.recompute_num_layers)
+    if cfg.model.recompute == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
+def freeze(chunks: list, cfg: DictConfig) -> dict[str, int]:
+    """requires_grad=False on the frozen parts; returns the trainable parameter count per part on this rank."""
+    frozen = {"vision": cfg.model.freeze_vision, "merger": cfg.model.freeze_merger,
+              "language": cfg.model.freeze_language}
+    trainable = {"vision": 0, "merger": 0, "language": 0}
+    for c in chunks:
+        for name, p in c.named_parameters():
+            part = parameter_part(name)
+            p.requires_grad_(not frozen[part])
+            trainable[part] += p.numel() if p.requires_grad else 0
+    return trainable
+
+
+def build_run(cfg: DictConfig) -> Run:
+    layout = layout_of(cfg)
+    init_distributed(layout, seed=cfg.trainer.seed)
+    args, source_hf_dir, init_ckpt = model_source(cfg)
+    layout.validate(world_size=dist.get_world_size(), model=args)
+    hf_dir = _prepare_hf_dir(cfg, args, source_hf_dir)
+    processor = _load_processor(cfg, hf_dir)
+    if cfg.optim.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("optim.cpu_offload=true moves optimizer states from the GPU to the host: it needs a GPU; "
+                          "set optim.cpu_offload=false.")
+    chunks = build_model_chunks(args, layout, dtype=DTYPES[cfg.model.dtype], aux_loss_coeff=cfg.model.aux_loss_coeff,
+                                **_recompute_overrides(cfg))
+    resume_from = manager.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+    if init_ckpt is not None and resume_from is None:
+        model_io.load_model(init_ckpt, chunks)
+    trainable = freeze(chunks, cfg)
+    totals = torch.tensor(list(trainable.values()), dtype=torch.float64)
+    dist.all_reduce(totals)  # over every rank: a stage with nothing to train breaks the optimizer
+    if any(sum(p.numel() for p in c.parameters() if p.requires_grad) == 0 for c in chunks):
+        raise ConfigError("with these model.freeze_* settings a pipeline stage has no trainable parameters: "
+                          "train the LLM (model.freeze_language=false) or use parallel.pp=1.")
+    settings = optim_settings_of(cfg)
+    lr_overrides = [(lambda n, part=part: parameter_part(n) == part, lr)
+                    for part, lr in (("vision", cfg.optim.vision_lr), ("merger", cfg.optim.merger_lr)) if lr is not None]
+    chunks = wrap_ddp(chunks, distributed_optimizer=settings.distributed_optimizer)
+    optimizer, scheduler = build_optimizer(chunks, settings, steps=cfg.trainer.steps, lr_overrides=lr_overrides)
+    run = Run(cfg, layout, args, chunks, optimizer, scheduler, hf_dir, processor,
+              processor.tokenizer.pad_token_id, TrainState())
+    if resume_from is not None:
+        load_training_checkpoint(run, resume_from)
+    return run
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+def _rng_object(is_loading: bool = False) -> ShardedObject:
+    state = None
+    if not is_loading:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                 "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _sharded_training_state(run: Run, *, is_loading: bool, with_rng: bool) -> dict:
+    state = model_io.model_sharded_state_dict([unwrap(c) for c in run.chunks])
+    state["optimizer"] = run.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    if with_rng:
+        state["rng_state"] = _rng_object(is_loading)
+    return state
+
+
+def save_training_checkpoint(run: Run) -> str:
+    state = _sharded_training_state(run, is_loading=False, with_rng=True)
+    state["training"] = {
+        "trainer": dataclasses.asdict(run.state), "scheduler": run.scheduler.state_dict(),
+        "layout": run.layout.as_dict(), "world_size": dist.get_world_size(),
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+    }
+    path = manager.save_checkpoint(run.cfg.checkpoint.dir, run.state.step, state, hf_dir=run.hf_dir,
+                                   dtype=DTYPES[run.cfg.model.dtype], keep=run.cfg.checkpoint.keep)
+    if dist.get_rank() == 0:
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(run.cfg, resolve=True))
+    return path
+
+
+def load_training_checkpoint(run: Run, ckpt: str) -> None:
+    """Model, optimizer (any layout), scheduler, data position; RNG states when the layout is unchanged."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    saved = common.get("training")
+    if saved is None:
+        raise model_io.CheckpointError(f"{ckpt} holds no training state (a converted checkpoint?): start from it with "
+                                       "model.init_from=... instead, or point checkpoint.dir elsewhere.")
+    same_layout = saved["layout"] == run.layout.as_dict() and saved["world_size"] == dist.get_world_size()
+    allocate_optimizer_state(run.optimizer)
+    state = _sharded_training_state(run, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, ckpt)
+    chunks = [unwrap(c) for c in run.chunks]
+    for i, chunk in enumerate(chunks):
+        part = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
+        chunk.load_state_dict(part, strict=False)
+    load_optimizer_state(run.optimizer, loaded["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.state = TrainState(**saved["trainer"])
+    if same_layout:
+        rng = loaded["rng_state"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+def build_datasets(run: Run):
+    d = run.cfg.data
+    kinds = list(d.kinds)
+    train = SyntheticConversations(run.processor, d.num_samples, seed=d.seed, kinds=kinds)
+    valid = SyntheticConversations(run.processor, d.valid_samples, seed=d.seed + 1, kinds=kinds) \
+        if d.valid_samples else None
+    return train, valid
+
+
+def rank_microbatches(run: Run, dataset, indices: list[int]):
+    """This data-parallel rank's share of a global batch, collated into micro-batches of data.seq_length."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    mine = shard_for_rank(indices, dp_rank, dp)
+    groups = split_microbatches(mine, run.cfg.data.micro_batch_size)
+    samples = [[dataset[i] for i in g] for g in groups]
+    return samples, [collate(s, run.cfg.data.seq_length, run.pad_token_id) for s in samples]
+
+
+def _work_of(run: Run, samples) -> torch.Tensor:
+    """[real tokens, model FLOPs] of this rank's samples (summed over DP by the caller)."""
+    lengths = [int(s.input_ids.numel()) for group in samples for s in group]
+    flops = metrics_lib.language_flops(run.args, lengths)
+    grids = [g for group in samples for s in group for g in (s.image_grid_thw, s.video_grid_thw) if g is not None]
+    if grids:
+        flops += metrics_lib.vision_flops(run.args, torch.cat(grids), vit_trains=not run.cfg.model.freeze_vision,
+                                          merger_trains=not run.cfg.model.freeze_merger)
+    return torch.tensor([sum(lengths), flops], dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(run: Run, dataset) -> dict:
+    """Token-mean LM loss over data.valid_samples in order (eval_batches global batches, wrapping around)."""
+    for c in run.chunks:
+        c.eval()
+    sampler = GlobalBatchSampler(len(dataset), run.cfg.data.global_batch_size, seed=0, shuffle=False)
+    total = torch.zeros(2, dtype=torch.float64)
+    for b in range(run.cfg.trainer.eval_batches):
+        _, micro = rank_microbatches(run, dataset, sampler.global_batch(b * run.cfg.data.global_batch_size))
+        for report in run_microbatches(run.chunks, micro, forward_only=True, loss_for=loss_for_per_token):
+            total += torch.tensor([float(report["loss_sum"]), float(report["tokens"])], dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    for c in run.chunks:
+        c.train()
+    return {"loss": float(total[0] / total[1].clamp_min(1)), "tokens": int(total[1])}
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+class StopSignal:
+    """SIGTERM (Slurm pre-emption, time limit) or SIGUSR1 asks for a checkpoint and a clean stop; ranks agree on it
+    after every step, since the signal may reach them at different moments."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None) -> str:
+    """Run (or resume) the training run `cfg` on this rank; returns COMPLETED, PREEMPTED or BAD_STEPS.
+    `train_dataset`/`valid_dataset` replace the configured data (tests, notebooks)."""
+    stop = StopSignal()
+    run = build_run(cfg)
+    train_ds, valid_ds = build_datasets(run)
+    train_ds, valid_ds = train_dataset or train_ds, valid_dataset or valid_ds
+    micro_per_rank = data_parallel_microbatches(cfg, parallel_state.get_data_parallel_world_size())
+    sampler = GlobalBatchSampler(len(train_ds), cfg.data.global_batch_size, seed=cfg.data.seed,
+                                 shuffle=cfg.data.shuffle)
+    peak = metrics_lib.peak_tflops(cfg.logging.peak_tflops)
+    writer = None
+    if dist.get_rank() == 0:
+        writer = metrics_lib.MetricsWriter(
+            cfg.logging.dir, every=cfg.logging.every, progress_bar=cfg.logging.progress_bar,
+            tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+            wandb_mode=cfg.logging.wandb_mode, run_name=cfg.trainer.name,
+            config=OmegaConf.to_container(cfg, resolve=True), start_step=run.state.step, total_steps=cfg.trainer.steps)
+        writer.message(f"[train] {cfg.trainer.name}: layout {run.layout.as_dict()} on {dist.get_world_size()} ranks, "
+                       f"{micro_per_rank} micro-batches/rank/step, from step {run.state.step} "
+                       f"(sample {run.state.consumed_samples}); checkpoints in {cfg.checkpoint.dir}")
+    for c in run.chunks:
+        c.train()
+    status = COMPLETED
+    try:
+        while run.state.step < cfg.trainer.steps:
+            status = _one_step(run, train_ds, sampler, writer, peak)
+            if status == BAD_STEPS:
+                break
+            step = run.state.step
+            if valid_ds is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                result = evaluate(run, valid_ds)
+                if writer:
+                    writer.log(step, result, kind="valid")
+            if stop.agreed():
+                status = PREEMPTED
+                break
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.trainer.steps:
+                save_training_checkpoint(run)
+        path = save_training_checkpoint(run)
+        if writer:
+            writer.message({COMPLETED: f"[train] done at step {run.state.step}; checkpoint {path}",
+                            PREEMPTED: f"[train] stopped by signal at step {run.state.step}; checkpoint {path}; "
+                                       "start the same command again to resume",
+                            BAD_STEPS: f"[train] stopped: {cfg.trainer.max_consecutive_skips} steps in a row had a "
+                                       f"non-finite loss or gradient (step {run.state.step}); the checkpoint {path} "
+                                       "holds the last good weights. Check the data of those steps "
+                                       "(logging.sample_ids=true lists them) or lower optim.lr."}[status])
+    finally:
+        stop.restore()
+        if writer:
+            writer.close()
+    return status
+
+
+def _one_step(run: Run, dataset, sampler: GlobalBatchSampler, writer, peak: float | None) -> str:
+    cfg, state = run.cfg, run.state
+    indices = sampler.global_batch(state.consumed_samples)
+    samples, micro = rank_microbatches(run, dataset, indices)
+    work = _work_of(run, samples)
+    dist.all_reduce(work, group=parallel_state.get_data_parallel_group())
+    lr = run.optimizer.param_groups[0]["lr"]  # the LR this step uses
+    start = time.perf_counter()
+    result = train_step(run.chunks, run.optimizer, micro)
+    if not result.skipped:
+        run.scheduler.step(1)
+    elapsed = time.perf_counter() - start
+    state.step += 1
+    state.consumed_samples += len(indices)
+    state.skipped_steps += int(result.skipped)
+    state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
+    if writer:
+        tflops = float(work[1]) / elapsed / dist.get_world_size() / 1e12
+        m = {"loss": result.loss, "aux_loss": result.aux_loss, "total_loss": result.total_loss, "lr": lr,
+             "grad_norm": result.grad_norm, "loss_tokens": result.tokens, "tokens": int(work[0]),
+             "tokens_per_s": float(work[0]) / elapsed, "tflops_per_device": tflops,
+             "mfu": tflops / peak if peak else None, "memory_gib": metrics_lib.memory_gib(),
+             "step_time_s": elapsed, "skipped": result.skipped, "skipped_steps": state.skipped_steps,
+             "consumed_samples": state.consumed_samples, "epoch": sampler.epoch(state.consumed_samples),
+             "expert_load": result.expert_load}
+        if cfg.logging.sample_ids:
+            m["sample_ids"] = indices
+        writer.log(state.step, m)
+    if state.consecutive_skips >= cfg.trainer.max_consecutive_skips:
+        return BAD_STEPS
+    return COMPLETED

@@ -39,11 +39,13 @@ def wrap_ddp(chunks: list, *, distributed_optimizer: bool) -> list:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False)
+    # Per-token loss: gradients are summed over data-parallel ranks (DDP reads this flag when it is built, to not
+    # scale them by 1/DP) and finalize_model_grads divides them by the global number of loss tokens.
+    for c in chunks:
+        c.config.calculate_per_token_loss = True
+    config = chunks[0].config
     wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
                for i, c in enumerate(chunks)]
-    config = chunks[0].config
-    # per-token loss: finalize_model_grads divides the summed gradients by the global number of loss tokens
-    config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped

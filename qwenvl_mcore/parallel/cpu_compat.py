@@ -23,6 +23,9 @@ when no GPU is present; on a GPU machine it does nothing. Each fix names the meg
    every tensor of that state from the loaded checkpoint, whose fully-reshardable parameter state never has
    `step` (megatron restores it from the param groups): KeyError on every resume. The fix marks `step` as absent
    (None), which that method already skips.
+7. Activation recompute (`tensor_parallel.checkpoint`, for full and selective recompute) saves and restores the
+   CUDA generator state next to the CPU one and the tracker's (`_get_cuda_rng_state`/`_set_cuda_rng_state`):
+   there is none, so they do nothing (the CPU states are still saved and restored).
 Everything else that would need CUDA is avoided by design rather than patched: the model uses its own SDPA core
 attention (no `get_default_causal_mask`), its own rotary embedding, its own norms (sequence-parallel aware), its
 own router (no weight move to the GPU in `Router.gating`), and the allgather token dispatcher on the CPU
@@ -152,6 +155,11 @@ def apply() -> bool:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    # 7. Activation recompute (tensor_parallel.checkpoint: recompute_granularity=full and selective core_attn)
+    # saves the CUDA generator state with the CPU one and the tracker's (_get_all_rng_states) and restores them
+    # for the recomputation: there is no CUDA generator; the CPU states are saved and restored already.
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: None
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: None
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()
     _APPLIED = True

@@ -102,6 +102,9 @@ def allocate_optimizer_state(optimizer) -> None:
                 p.grad = torch.zeros_like(p)
         inner.step()
         inner.zero_grad(set_to_none=True)
+        for param_state in inner.state.values():  # no step taken: a resume from it bias-corrects from step 1
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"].zero_()
         for g, (lr, wd) in zip(inner.param_groups, saved):
             g["lr"], g["weight_decay"] = lr, wd
 

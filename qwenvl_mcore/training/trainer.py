@@ -156,9 +156,7 @@ def build_run(cfg: DictConfig) -> Run:
     resume_from = manager.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
     if init_ckpt is not None and resume_from is None:
         model_io.load_model(init_ckpt, chunks)
-    trainable = freeze(chunks, cfg)
-    totals = torch.tensor(list(trainable.values()), dtype=torch.float64)
-    dist.all_reduce(totals)  # over every rank: a stage with nothing to train breaks the optimizer
+    freeze(chunks, cfg)
     if any(sum(p.numel() for p in c.parameters() if p.requires_grad) == 0 for c in chunks):
         raise ConfigError("with these model.freeze_* settings a pipeline stage has no trainable parameters: "
                           "train the LLM (model.freeze_language=false) or use parallel.pp=1.")
@@ -193,6 +191,7 @@ def _sharded_training_state(run: Run, *, is_loading: bool, with_rng: bool) -> di
 
 
 def save_training_checkpoint(run: Run) -> str:
+    allocate_optimizer_state(run.optimizer)  # before the first good step torch's Adam has no state to save
     state = _sharded_training_state(run, is_loading=False, with_rng=True)
     state["training"] = {
         "trainer": dataclasses.asdict(run.state), "scheduler": run.scheduler.state_dict(),

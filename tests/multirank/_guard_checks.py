@@ -103,6 +103,7 @@ def checkpoint_listing(run_dir: str) -> dict:
 # Check 1: data.shuffle=false, 4 samples a step, so step k consumes positions [4(k-1), 4k) (rank 0 the first two).
 SKIP_STEPS = 5
 SKIP_BAD = (5, 14)  # a video sample of step 2 (on rank 0) and one of step 4 (on rank 1)
+SKIPPED_STEPS = (2, 4)  # the steps holding them
 SKIP_SAMPLES = 20
 SKIP_EXTRA = ["data.shuffle=false", "optim.schedule=cosine", "optim.min_lr=3e-4", "optim.decay_steps=10",
               "model.aux_loss_coeff=0.1"]
@@ -134,9 +135,9 @@ def _skip_check(rank: int, work: str, init: str) -> dict:
     cfg = compose(a_dir, SKIP_STEPS, SKIP_SAMPLES, [f"model.init_from={init}", "checkpoint.every=1",
                                                       "checkpoint.keep=10", *SKIP_EXTRA])
     out["skip_status"] = trainer.train(cfg, train_dataset=bad)
-    dropped = {p for s in (2, 4) for p in range(4 * (s - 1), 4 * s)}
+    dropped = {p for s in SKIPPED_STEPS for p in range(4 * (s - 1), 4 * s)}
     clean = NaNMedia(data, order=[i for i in range(SKIP_SAMPLES) if i not in dropped])
-    cfg = compose(b_dir, SKIP_STEPS - 2, len(clean), [f"model.init_from={init}", *SKIP_EXTRA])
+    cfg = compose(b_dir, SKIP_STEPS - len(SKIPPED_STEPS), len(clean), [f"model.init_from={init}", *SKIP_EXTRA])
     out["clean_status"] = trainer.train(cfg, train_dataset=clean)
     if rank != 0:
         return out
@@ -145,12 +146,13 @@ def _skip_check(rank: int, work: str, init: str) -> dict:
     out["skip_bad_have_media"] = [bad.has_media(i) for i in SKIP_BAD]
     out["skip_checkpoints"] = checkpoint_listing(a_dir)
     a = {s: checkpoint_tensors(ckpt_dir(a_dir, s), model_only=False) for s in range(1, SKIP_STEPS + 1)}
-    b_final = checkpoint_tensors(ckpt_dir(b_dir, SKIP_STEPS - 2), model_only=False)
+    b_final = checkpoint_tensors(ckpt_dir(b_dir, SKIP_STEPS - len(SKIPPED_STEPS)), model_only=False)
     out["skip_keys"] = {"a": sorted(a[SKIP_STEPS]), "b": sorted(b_final)}
     # every stored tensor (model and optimizer) across each skipped step, across the good steps after them, and
     # A's final state against B's
-    out["across_skip"] = {s: max_abs_diffs(a[s - 1], a[s]) for s in (2, 4)}
-    out["across_good"] = {s: max_abs_diffs(a[s - 1], a[s]) for s in (3, 5)}
+    out["across_skip"] = {s: max_abs_diffs(a[s - 1], a[s]) for s in SKIPPED_STEPS}
+    good = [s for s in range(2, SKIP_STEPS + 1) if s not in SKIPPED_STEPS]
+    out["across_good"] = {s: max_abs_diffs(a[s - 1], a[s]) for s in good}
     out["a_vs_b_final"] = max_abs_diffs(a[SKIP_STEPS], b_final)
     return out
 

@@ -22,9 +22,8 @@ import pytest
 from qwenvl_mcore.testing import tiny
 from qwenvl_mcore.testing.dist import run_on_ranks
 
-from _guard_checks import RECOMPUTE_MODES, SKIP_BAD, SKIP_STEPS, guard_checks, recompute_checks
+from _guard_checks import RECOMPUTE_MODES, SKIP_BAD, SKIP_STEPS, SKIPPED_STEPS, guard_checks, recompute_checks
 
-SKIPPED = (2, 4)  # the steps of run A that hold a NaN sample (positions 5 and 14 of the unshuffled data)
 RECOMPUTE_REL_TOL = 1e-6
 
 
@@ -76,9 +75,9 @@ def test_non_finite_steps_are_skipped_and_counted(guards):
     assert r["skip_bad_have_media"] == [True] * len(SKIP_BAD)  # the NaN really went into pixels
     m = r["skip_metrics"]
     assert [x["step"] for x in m] == list(range(1, SKIP_STEPS + 1))
-    assert [x["step"] for x in m if x["skipped"]] == list(SKIPPED)
+    assert [x["step"] for x in m if x["skipped"]] == list(SKIPPED_STEPS)
     for x in m:
-        bad = x["step"] in SKIPPED
+        bad = x["step"] in SKIPPED_STEPS
         assert (x["grad_norm"] is None) == bad, x
         assert _finite(x["loss"]) != bad, x
         assert bad or _finite(x["grad_norm"]) and _finite(x["aux_loss"]), x
@@ -111,7 +110,7 @@ def test_skipped_steps_change_nothing(guards):
     assert sorted(r["a_vs_b_final"]) == keys and not differ, differ
     good = [x for x in r["skip_metrics"] if not x["skipped"]]
     clean = r["clean_metrics"]
-    assert len(good) == len(clean) == SKIP_STEPS - len(SKIPPED) and not any(x["skipped"] for x in clean)
+    assert len(good) == len(clean) == SKIP_STEPS - len(SKIPPED_STEPS) and not any(x["skipped"] for x in clean)
     for key in ("loss", "aux_loss", "grad_norm", "lr"):
         assert [x[key] for x in good] == [x[key] for x in clean], key
 
@@ -175,6 +174,8 @@ def test_recompute_changes_no_loss_or_gradient(recompute):
     for mode in ("full", "selective"):
         calls = recompute[mode]["calls"]
         assert calls.get("forward", 0) > 0 and calls.get("backward", 0) == calls["forward"], (mode, calls)
+    # full checkpoints whole layers, selective only core attention: different functions
+    assert recompute["full"]["functions"] != recompute["selective"]["functions"]
     ref = recompute["none"]["metrics"]
     assert len(ref) == 3 and all(_finite(x["loss"]) and _finite(x["grad_norm"]) for x in ref)
     worst = {}

@@ -206,7 +206,7 @@ def test_sigterm_then_resume_is_bit_identical():
         assert [m[key] for m in ours] == [m[key] for m in ref], key
     final = f"checkpoints/step_{STEPS:07d}"
     a, b = model_tensors(WORK / "straight_tp2_ep2" / final), model_tensors(run_dir / final)
-    assert a.keys() == b.keys() and len(a) > 50
+    assert a.keys() == b.keys() and len(a) == 45  # every stored model tensor of the tiny model
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 

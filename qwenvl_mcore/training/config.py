@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_mcore.parallel.layout import ParallelLayout
 from qwenvl_mcore.training.setup import OptimSettings
@@ -201,5 +201,5 @@ def data_parallel_microbatches(cfg: DictConfig, dp: int) -> int:
     return cfg.data.global_batch_size // per_step
 
 
-__all__ = ["MISSING", "ConfigError", "TrainConfig", "compose", "validate", "layout_of", "optim_settings_of",
+__all__ = ["ConfigError", "TrainConfig", "compose", "validate", "layout_of", "optim_settings_of",
            "data_parallel_microbatches"]

@@ -140,7 +140,7 @@ def _scalars(metrics: dict, kind: str) -> dict[str, float]:
         if key == "expert_load" and value is not None:
             for layer, ratio in enumerate(value):
                 out[f"expert_load/layer_{layer:03d}_max_over_mean"] = float(ratio)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             if math.isfinite(float(value)):
                 out[f"{kind}/{key}"] = float(value)
     return out

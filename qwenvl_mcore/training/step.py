@@ -57,7 +57,7 @@ def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]
         unwrap(c).aux_loss_scale = tokens / (len(microbatches) * dp)
     optimizer.zero_grad()
     reports = run_microbatches(chunks, microbatches, forward_only=False, loss_for=loss_for_per_token)
-    loss = _reduce_loss(reports) / max(tokens, 1)
+    loss = float(reduce_reports(reports)[0]) / max(tokens, 1)
     model = unwrap(chunks[0])
     aux = _mean_aux(model.routing)
     load = expert_load(chunks)
@@ -72,15 +72,16 @@ def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]
                       skipped=not updated, expert_load=load, aux_coeff=model.aux_loss_coeff)
 
 
-def _reduce_loss(reports: list) -> float:
-    """Sum of loss sums over micro-batches and DP (computed on the last stage, broadcast to the whole pipeline)."""
-    total = torch.tensor(sum(float(r["loss_sum"]) for r in reports), dtype=torch.float64)
+def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torch.Tensor:
+    """Sums of the loss reports' `keys` over micro-batches and DP, computed on the last pipeline stage and broadcast
+    to the whole pipeline (float64, the same on every rank)."""
+    total = torch.tensor([sum(float(r[k]) for r in reports) for k in keys], dtype=torch.float64)
     if reports:  # last stage
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(total.item())
+    return total
 
 
 def _mean_aux(routing) -> float | None:

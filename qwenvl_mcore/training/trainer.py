@@ -36,7 +36,7 @@ from qwenvl_mcore.training import metrics as metrics_lib
 from qwenvl_mcore.training.config import ConfigError, data_parallel_microbatches, layout_of, optim_settings_of
 from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
 from qwenvl_mcore.training.setup import allocate_optimizer_state, build_optimizer, load_optimizer_state, wrap_ddp
-from qwenvl_mcore.training.step import train_step
+from qwenvl_mcore.training.step import reduce_reports, train_step
 
 # Exit statuses of a run, as the entry point returns them.
 COMPLETED, PREEMPTED, BAD_STEPS = "completed", "preempted", "bad_steps"
@@ -273,16 +273,11 @@ def evaluate(run: Run, dataset) -> dict:
     for c in run.chunks:
         c.eval()
     sampler = GlobalBatchSampler(len(dataset), run.cfg.data.global_batch_size, seed=0, shuffle=False)
-    total = torch.zeros(2, dtype=torch.float64)
+    reports = []
     for b in range(run.cfg.trainer.eval_batches):
         _, micro = rank_microbatches(run, dataset, sampler.global_batch(b * run.cfg.data.global_batch_size))
-        for report in run_microbatches(run.chunks, micro, forward_only=True, loss_for=loss_for_per_token):
-            total += torch.tensor([float(report["loss_sum"]), float(report["tokens"])], dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+        reports += run_microbatches(run.chunks, micro, forward_only=True, loss_for=loss_for_per_token)
+    total = reduce_reports(reports, ("loss_sum", "tokens"))
     for c in run.chunks:
         c.train()
     return {"loss": float(total[0] / total[1].clamp_min(1)), "tokens": int(total[1])}

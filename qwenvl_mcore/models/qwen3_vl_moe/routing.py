@@ -77,14 +77,13 @@ class MicroBatchRouting:
 class RoutingStats:
     """The routing statistics of one call of the forward-backward schedule, one entry per micro-batch."""
 
-    def __init__(self, num_experts: int, coeff_scale: float = 0.0):
+    def __init__(self, num_experts: int):
         self.num_experts = num_experts
-        self.coeff_scale = coeff_scale
         self.micro: dict[int, MicroBatchRouting] = {}
 
     def for_microbatch(self, index: int) -> MicroBatchRouting:
         if index not in self.micro:
-            self.micro[index] = MicroBatchRouting(self.num_experts, self.coeff_scale)
+            self.micro[index] = MicroBatchRouting(self.num_experts, coeff_scale=0.0)  # the model sets it
         return self.micro[index]
 
     def aux_losses(self) -> list[float]:

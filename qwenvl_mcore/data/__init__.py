@@ -9,13 +9,16 @@ from qwenvl_mcore.data.sampler import (
     shard_for_rank,
     split_microbatches,
 )
-from qwenvl_mcore.data.synthetic import SYNTHETIC_KINDS, Sample, SyntheticConversations
+from qwenvl_mcore.data.sample import SKIP_REASONS, Sample, SkipSample
+from qwenvl_mcore.data.synthetic import SYNTHETIC_KINDS, SyntheticConversations
 
 __all__ = [
+    "SKIP_REASONS",
     "SYNTHETIC_KINDS",
     "DataError",
     "GlobalBatchSampler",
     "Sample",
+    "SkipSample",
     "SyntheticConversations",
     "collate",
     "shard_for_rank",

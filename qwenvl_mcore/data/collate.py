@@ -1,4 +1,4 @@
-"""Batching of :class:`~qwenvl_mcore.data.synthetic.Sample` s into the model's :class:`MultimodalInputs`."""
+"""Batching of :class:`~qwenvl_mcore.data.sample.Sample` s into the model's :class:`MultimodalInputs`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qwenvl_mcore.data.synthetic import Sample
+from qwenvl_mcore.data.sample import Sample
 from qwenvl_mcore.models.qwen3_vl_moe.model import (
     IGNORE_INDEX,
     MultimodalInputs,

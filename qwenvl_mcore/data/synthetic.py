@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwenvl_mcore.data.sample import Sample
 from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX
 from qwenvl_mcore.testing.tiny import (
     collapse_video_wrappers,
@@ -43,25 +44,6 @@ WORDS = (
     "garden", "river", "sky", "park", "book", "moves", "stops", "shows", "sits", "flies", "left", "right", "side",
     "one", "two", "three", "and", "on", "in", "with", "from", "to", "is", "are", "what", "which", "describe",
 )
-
-
-@dataclass
-class Sample:
-    """One rendered conversation.
-
-    ``labels`` follow the transformers convention (not yet shifted): ``labels[t] = input_ids[t]`` on the trained
-    tokens, the assistant answer and its ``<|im_end|>``, and -100 everywhere else (system, user, the
-    ``<|im_start|>assistant\\n`` header and the template's newline after ``<|im_end|>``). Pixel tensors are the
-    processor's (float32 patch rows); grids are ``[n, 3]`` (t, h, w in patches).
-    """
-
-    input_ids: torch.Tensor  # [s] long
-    labels: torch.Tensor  # [s] long
-    pixel_values: torch.Tensor | None = None  # [image_grid_thw.prod(-1).sum(), patch_dim]
-    image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
-    pixel_values_videos: torch.Tensor | None = None  # [video_grid_thw.prod(-1).sum(), patch_dim]
-    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
-    index: int = -1  # dataset index it came from
 
 
 @dataclass

@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     from qwenvl_mcore.checkpoint.model_io import CheckpointError
+    from qwenvl_mcore.data.collate import DataError
     from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError
     from qwenvl_mcore.parallel.layout import LayoutError
     from qwenvl_mcore.training.config import ConfigError, compose
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> int:
 
     try:
         status = train(cfg)
-    except (ConfigError, CheckpointError, ModelConfigError, LayoutError) as e:
+    except (ConfigError, CheckpointError, ModelConfigError, LayoutError, DataError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:

@@ -25,10 +25,11 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat(present, dim=0) if present else None
 
 
-def collate(samples: Sequence[Sample], seq_length: int, pad_token_id: int) -> MultimodalInputs:
+def collate(samples: Sequence[Sample], seq_length: int, pad_token_id: int, *, rows: int | None = None
+            ) -> MultimodalInputs:
     """Right-pad ``samples`` to exactly ``seq_length`` tokens and stack them into one micro-batch.
 
-    Contract (b = ``len(samples)``): ``input_ids`` [b, seq_length] long, padded with ``pad_token_id``;
+    Contract (b = ``rows`` or ``len(samples)``; rows beyond the samples are all padding, which trains nothing): ``input_ids`` [b, seq_length] long, padded with ``pad_token_id``;
     ``attention_mask`` [b, seq_length] long, 1 on real tokens and 0 on padding; ``labels`` [b, seq_length] long,
     the aligned next-token targets (``shift_labels`` of each unpadded sample: position t holds the target of token
     t + 1, -100 on the last real token) padded with -100. Pixel rows and grids are concatenated along dim 0 in sample
@@ -36,11 +37,13 @@ def collate(samples: Sequence[Sample], seq_length: int, pad_token_id: int) -> Mu
     stay ``None`` (the model derives them from the ids and grids). A sample longer than ``seq_length`` raises
     :class:`DataError`; nothing is truncated, since cutting through media placeholders would break the sample.
     """
-    if not samples:
+    if not samples and rows is None:
         raise DataError("cannot collate an empty list of samples.")
     if seq_length < 1:
         raise DataError(f"data.seq_length must be >= 1, got {seq_length}.")
-    b = len(samples)
+    b = len(samples) if rows is None else rows
+    if b < len(samples):
+        raise DataError(f"{len(samples)} samples do not fit in a micro-batch of {rows} rows.")
     input_ids = torch.full((b, seq_length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, seq_length), dtype=torch.long)
     labels = torch.full((b, seq_length), IGNORE_INDEX, dtype=torch.long)

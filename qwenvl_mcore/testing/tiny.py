@@ -702,15 +702,14 @@ def sample_conversation(kind: str) -> list[list[dict[str, Any]]]:
 
 
 def collapse_video_wrappers(text: str, processor=None) -> str:
-    """Replace each ``<|vision_start|><|video_pad|><|vision_end|>`` in ``text`` by a bare ``<|video_pad|>``.
+    """:func:`qwenvl_mcore.data.render.collapse_video_wrappers` (it lives there now; this name is kept for imports).
 
-    Feeding the result to the transformers 5.23 ``Qwen3VLProcessor`` yields the reference video token layout
-    (``<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`` per temporal patch, nothing around it).
+    Imported on call, not at module level: ``qwenvl_mcore.data`` imports this module (through its synthetic
+    dataset), so importing ``qwenvl_mcore.data.render`` here first would be circular.
     """
-    start = getattr(processor, "vision_start_token", "<|vision_start|>")
-    end = getattr(processor, "vision_end_token", "<|vision_end|>")
-    video = getattr(processor, "video_token", "<|video_pad|>")
-    return text.replace(f"{start}{video}{end}", video)
+    from qwenvl_mcore.data.render import collapse_video_wrappers as collapse
+
+    return collapse(text, processor)
 
 
 def sample_inputs(processor, kind: str, *, reference_video_layout: bool = True):

@@ -11,11 +11,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from qwenvl_mcore.data.mixing import dataset_specs
 from qwenvl_mcore.parallel.layout import ParallelLayout
 from qwenvl_mcore.training.setup import OptimSettings
 
@@ -56,16 +57,37 @@ class OptimConf(OptimSettings):
 
 @dataclass
 class DataConf:
-    source: str = "synthetic"  # synthetic: deterministic multimodal conversations rendered by the model's processor
+    # Training files: a path (.jsonl: messages / ShareGPT / OpenAI formats, or .parquet), or a list of paths and
+    # {path, weight, format, media_dir} mappings mixed by weight (docs/data.md). None: the synthetic dataset below.
+    train: Optional[Any] = None
+    valid: Optional[Any] = None  # same forms; None: data.valid_samples synthetic samples (with data.train unset)
     processor: Optional[str] = None  # directory with the tokenizer/processor files; default: the checkpoint's hf/
+    # the synthetic dataset (data.train unset): deterministic multimodal conversations rendered by the processor
     num_samples: int = 64
     valid_samples: int = 16
-    seq_length: int = 256  # every micro-batch is padded to this length
-    global_batch_size: int = 8  # samples per optimizer step, over all data-parallel ranks
-    micro_batch_size: int = 1
+    kinds: list[str] = field(default_factory=lambda: ["text", "image", "video", "image_video"])
+    # batches
+    seq_length: int = 256  # tokens per packed sequence (or per padded sample without packing)
+    packing: bool = True  # first-fit packing of whole samples into seq_length bins, attention isolated per sample
+    global_batch_size: int = 8  # samples (conversations) per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 1  # samples per micro-batch without packing; must be 1 with packing (one bin)
     seed: int = 0
     shuffle: bool = True
-    kinds: list[str] = field(default_factory=lambda: ["text", "image", "video", "image_video"])
+    overlong: str = "drop"  # a sample longer than seq_length: drop (counted) | truncate_text | error
+    strict: bool = False  # a bad sample (corrupt media, bad JSON, ...) stops the run instead of being skipped
+    num_workers: int = 2  # DataLoader worker processes per rank decoding media ahead of the model (0: inline)
+    prefetch: int = 2  # steps each worker renders ahead
+    # rendering: the model's chat template and processor
+    train_on: str = "all"  # all | last: assistant turns whose tokens are trained
+    system_prompt: Optional[str] = None  # system message for conversations that have none (None: add nothing)
+    frames_fps: float = 2.0  # frame rate of videos given as a list of frame files, unless the record says
+    image_min_pixels: Optional[int] = None  # per image; None: the processor's setting
+    image_max_pixels: Optional[int] = None
+    video_fps: Optional[float] = None  # frames sampled per second; None: the processor's (2 for Qwen3-VL)
+    video_min_frames: Optional[int] = None
+    video_max_frames: Optional[int] = None
+    video_min_pixels: Optional[int] = None  # over all sampled frames of a video
+    video_max_pixels: Optional[int] = None
 
 
 @dataclass
@@ -117,7 +139,8 @@ _CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.recompute": ("none", "selective", "full"),
     "optim.schedule": ("cosine", "constant", "linear"),
-    "data.source": ("synthetic",),
+    "data.overlong": ("drop", "truncate_text", "error"),
+    "data.train_on": ("all", "last"),
     "logging.wandb_mode": ("offline", "online"),
 }
 
@@ -171,6 +194,17 @@ def validate(cfg: DictConfig) -> None:
                 "data.micro_batch_size", "checkpoint.keep", "logging.every", "trainer.max_consecutive_skips"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be at least 1.")
+    if cfg.data.packing and cfg.data.micro_batch_size != 1:
+        raise ConfigError(f"data.packing=true makes each micro-batch one packed sequence of data.seq_length tokens: "
+                          f"set data.micro_batch_size=1 (got {cfg.data.micro_batch_size}) or data.packing=false.")
+    if cfg.data.num_workers < 0 or cfg.data.prefetch < 1:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 and data.prefetch="
+                          f"{cfg.data.prefetch} >= 1.")
+    for key in ("train", "valid"):
+        try:
+            dataset_specs(OmegaConf.to_container(cfg.data)[key], f"data.{key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of data.micro_batch_size="

@@ -41,20 +41,23 @@ class StepResult:
         return self.loss + self.aux_coeff * (self.aux_loss or 0.0)
 
 
-def global_token_count(microbatches: Sequence[MultimodalInputs]) -> int:
-    """Loss tokens of this rank's micro-batches summed over data parallelism."""
-    n = torch.tensor(sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in microbatches), dtype=torch.float64)
+def global_counts(microbatches: Sequence[MultimodalInputs]) -> tuple[int, int]:
+    """(loss tokens, micro-batches holding any real token) of this rank's micro-batches, summed over data
+    parallelism. All-padding micro-batches (fillers up to the agreed count) are not counted."""
+    n = torch.tensor([sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in microbatches),
+                      sum(int(mb.attention_mask is None or bool(mb.attention_mask.any())) for mb in microbatches)],
+                     dtype=torch.float64)
     dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
-    return int(n.item())
+    return int(n[0]), int(n[1])
 
 
 def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]) -> StepResult:
     """Forward + backward over this rank's micro-batches, then one optimizer step (collective)."""
-    dp = parallel_state.get_data_parallel_world_size()
-    tokens = global_token_count(microbatches)
+    tokens, filled = global_counts(microbatches)
     for c in chunks:
         c.zero_grad_buffer()
-        unwrap(c).aux_loss_scale = tokens / (len(microbatches) * dp)
+        # the aux loss enters as the mean over micro-batches; the per-token loss normalisation divides by tokens
+        unwrap(c).aux_loss_scale = tokens / max(filled, 1)
     optimizer.zero_grad()
     reports = run_microbatches(chunks, microbatches, forward_only=False, loss_for=loss_for_per_token)
     loss = float(reduce_reports(reports)[0]) / max(tokens, 1)

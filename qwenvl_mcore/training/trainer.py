@@ -10,8 +10,10 @@ import dataclasses
 import os
 import random
 import signal
+import json
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,9 +23,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_mcore.checkpoint import manager, model_io
-from qwenvl_mcore.data.collate import collate
-from qwenvl_mcore.data.sampler import GlobalBatchSampler, shard_for_rank, split_microbatches
-from qwenvl_mcore.data.synthetic import SyntheticConversations
+from qwenvl_mcore.data.build import datasets_from_config
+from qwenvl_mcore.data.pipeline import BatchShape, RankStep, StepBatches, empty_microbatch, step_loader
+from qwenvl_mcore.data.sampler import GlobalBatchSampler
 from qwenvl_mcore.models.qwen3_vl_moe.config import (
     args_from_hf_config,
     flavor_hf_config,
@@ -52,6 +54,8 @@ class TrainState:
     consumed_samples: int = 0  # global data position: samples of all ranks so far
     skipped_steps: int = 0
     consecutive_skips: int = 0
+    data_skips: dict = field(default_factory=dict)  # samples left out so far, by reason (data.sample.SKIP_REASONS)
+    truncated_samples: int = 0  # cut to data.seq_length (data.overlong=truncate_text)
 
 
 @dataclass
@@ -238,33 +242,56 @@ def load_training_checkpoint(run: Run, ckpt: str) -> None:
 
 # -- data ----------------------------------------------------------------------------------------------------------
 def build_datasets(run: Run):
+    """(train, valid or None) as data.* describes them (data/build.py)."""
+    return datasets_from_config(run.cfg.data, run.processor)
+
+
+def batch_shape(run: Run) -> BatchShape:
     d = run.cfg.data
-    kinds = list(d.kinds)
-    train = SyntheticConversations(run.processor, d.num_samples, seed=d.seed, kinds=kinds)
-    valid = SyntheticConversations(run.processor, d.valid_samples, seed=d.seed + 1, kinds=kinds) \
-        if d.valid_samples else None
-    return train, valid
+    return BatchShape.of(run.args, run.pad_token_id, seq_length=d.seq_length, packing=d.packing,
+                         micro_batch_size=d.micro_batch_size, overlong=d.overlong)
 
 
-def rank_microbatches(run: Run, dataset, indices: list[int]):
-    """This data-parallel rank's share of a global batch, collated into micro-batches of data.seq_length."""
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp = parallel_state.get_data_parallel_world_size()
-    mine = shard_for_rank(indices, dp_rank, dp)
-    groups = split_microbatches(mine, run.cfg.data.micro_batch_size)
-    samples = [[dataset[i] for i in g] for g in groups]
-    return samples, [collate(s, run.cfg.data.seq_length, run.pad_token_id) for s in samples]
+def step_batches(run: Run, dataset, sampler: GlobalBatchSampler) -> StepBatches:
+    return StepBatches(dataset, sampler, batch_shape(run), dp_rank=parallel_state.get_data_parallel_rank(),
+                       dp_size=parallel_state.get_data_parallel_world_size(), tokenizer=run.processor.tokenizer)
 
 
-def _work_of(run: Run, samples) -> torch.Tensor:
+def agreed_microbatches(run: Run, step: RankStep) -> list:
+    """This rank's micro-batches filled with all-padding ones up to the largest count of any rank (at least one):
+    expert and pipeline parallelism exchange tokens per micro-batch, so every rank must run the same number."""
+    count = torch.tensor([max(len(step.microbatches), 1)], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return step.microbatches + [empty_microbatch(batch_shape(run))] * (int(count) - len(step.microbatches))
+
+
+def account_skips(run: Run, step: RankStep, writer) -> dict:
+    """Add the samples every data-parallel rank left out of this step to the run's counts; rank 0 logs each one
+    (console and logs/data_skips.jsonl). Returns this step's counts by reason."""
+    group = parallel_state.get_data_parallel_group()
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (step.skips, step.truncated), group=group)
+    skips = [s for rank_skips, _ in everyone for s in rank_skips]
+    counts = Counter(reason for reason, _, _ in skips)
+    for reason, n in counts.items():
+        run.state.data_skips[reason] = run.state.data_skips.get(reason, 0) + n
+    run.state.truncated_samples += sum(t for _, t in everyone)
+    if writer and skips:
+        with open(os.path.join(run.cfg.logging.dir, "data_skips.jsonl"), "a") as f:
+            for reason, location, detail in skips:
+                f.write(json.dumps({"step": run.state.step + 1, "reason": reason, "location": location,
+                                    "detail": detail}) + "\n")
+                writer.message(f"[data] skipped {reason} at {location}: {detail}")
+    return dict(counts)
+
+
+def _work_of(run: Run, step: RankStep) -> torch.Tensor:
     """[real tokens, model FLOPs] of this rank's samples (summed over DP by the caller)."""
-    lengths = [int(s.input_ids.numel()) for group in samples for s in group]
-    flops = metrics_lib.language_flops(run.args, lengths)
-    grids = [g for group in samples for s in group for g in (s.image_grid_thw, s.video_grid_thw) if g is not None]
-    if grids:
-        flops += metrics_lib.vision_flops(run.args, torch.cat(grids), vit_trains=not run.cfg.model.freeze_vision,
+    flops = metrics_lib.language_flops(run.args, step.lengths)
+    if step.grids is not None:
+        flops += metrics_lib.vision_flops(run.args, step.grids, vit_trains=not run.cfg.model.freeze_vision,
                                           merger_trains=not run.cfg.model.freeze_merger)
-    return torch.tensor([sum(lengths), flops], dtype=torch.float64)
+    return torch.tensor([sum(step.lengths), flops], dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -273,9 +300,10 @@ def evaluate(run: Run, dataset) -> dict:
     for c in run.chunks:
         c.eval()
     sampler = GlobalBatchSampler(len(dataset), run.cfg.data.global_batch_size, seed=0, shuffle=False)
+    batches = step_batches(run, dataset, sampler)
     reports = []
     for b in range(run.cfg.trainer.eval_batches):
-        _, micro = rank_microbatches(run, dataset, sampler.global_batch(b * run.cfg.data.global_batch_size))
+        micro = agreed_microbatches(run, batches[b * run.cfg.data.global_batch_size])
         reports += run_microbatches(run.chunks, micro, forward_only=True, loss_for=loss_for_per_token)
     total = reduce_reports(reports, ("loss_sum", "tokens"))
     for c in run.chunks:
@@ -315,6 +343,8 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None) -> str:
     micro_per_rank = data_parallel_microbatches(cfg, parallel_state.get_data_parallel_world_size())
     sampler = GlobalBatchSampler(len(train_ds), cfg.data.global_batch_size, seed=cfg.data.seed,
                                  shuffle=cfg.data.shuffle)
+    steps = step_loader(step_batches(run, train_ds, sampler), run.state.consumed_samples,
+                        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
     peak = metrics_lib.peak_tflops(cfg.logging.peak_tflops)
     writer = None
     if dist.get_rank() == 0:
@@ -324,14 +354,16 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None) -> str:
             wandb_mode=cfg.logging.wandb_mode, run_name=cfg.trainer.name,
             config=OmegaConf.to_container(cfg, resolve=True), start_step=run.state.step, total_steps=cfg.trainer.steps)
         writer.message(f"[train] {cfg.trainer.name}: layout {run.layout.as_dict()} on {dist.get_world_size()} ranks, "
-                       f"{micro_per_rank} micro-batches/rank/step, from step {run.state.step} "
+                       f"{cfg.data.global_batch_size} samples/step ("
+                       + (f"packed into {cfg.data.seq_length}-token sequences" if cfg.data.packing else
+                          f"{micro_per_rank} micro-batches/rank") + f", {len(train_ds)} per epoch), from step {run.state.step} "
                        f"(sample {run.state.consumed_samples}); checkpoints in {cfg.checkpoint.dir}")
     for c in run.chunks:
         c.train()
     status = COMPLETED
     try:
         while run.state.step < cfg.trainer.steps:
-            status = _one_step(run, train_ds, sampler, writer, peak)
+            status = _one_step(run, next(steps), sampler, writer, peak)
             if status == BAD_STEPS:
                 break
             step = run.state.step
@@ -360,11 +392,13 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None) -> str:
     return status
 
 
-def _one_step(run: Run, dataset, sampler: GlobalBatchSampler, writer, peak: float | None) -> str:
+def _one_step(run: Run, data: RankStep, sampler: GlobalBatchSampler, writer, peak: float | None) -> str:
     cfg, state = run.cfg, run.state
-    indices = sampler.global_batch(state.consumed_samples)
-    samples, micro = rank_microbatches(run, dataset, indices)
-    work = _work_of(run, samples)
+    if data.consumed != state.consumed_samples:
+        raise RuntimeError(f"data loader at sample {data.consumed}, run at {state.consumed_samples}")
+    micro = agreed_microbatches(run, data)
+    skipped_now = account_skips(run, data, writer)
+    work = _work_of(run, data)
     dist.all_reduce(work, group=parallel_state.get_data_parallel_group())
     lr = run.optimizer.param_groups[0]["lr"]  # the LR this step uses
     start = time.perf_counter()
@@ -373,7 +407,7 @@ def _one_step(run: Run, dataset, sampler: GlobalBatchSampler, writer, peak: floa
         run.scheduler.step(1)
     elapsed = time.perf_counter() - start
     state.step += 1
-    state.consumed_samples += len(indices)
+    state.consumed_samples += cfg.data.global_batch_size
     state.skipped_steps += int(result.skipped)
     state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
     if writer:
@@ -384,9 +418,10 @@ def _one_step(run: Run, dataset, sampler: GlobalBatchSampler, writer, peak: floa
              "mfu": tflops / peak if peak else None, "memory_gib": metrics_lib.memory_gib(),
              "step_time_s": elapsed, "skipped": result.skipped, "skipped_steps": state.skipped_steps,
              "consumed_samples": state.consumed_samples, "epoch": sampler.epoch(state.consumed_samples),
-             "expert_load": result.expert_load}
+             "expert_load": result.expert_load, "microbatches": len(micro), "data_skips": dict(state.data_skips),
+             "data_skips_step": skipped_now, "truncated_samples": state.truncated_samples}
         if cfg.logging.sample_ids:
-            m["sample_ids"] = indices
+            m["sample_ids"] = sampler.global_batch(state.consumed_samples - cfg.data.global_batch_size)
         writer.log(state.step, m)
     if state.consecutive_skips >= cfg.trainer.max_consecutive_skips:
         return BAD_STEPS

@@ -24,12 +24,15 @@ LAYOUTS = {
     "pp2_vpp2": (2, dict(pp=2, vpp=2), dict(num_hidden_layers=8)),
 }
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
+# Layouts whose launch also runs the packed-row checks (one rank as the reference, TP2xEP2 with SP, and PP2).
+PACKED_LAYOUTS = ("tp1_ep1", "tp2_ep2_sp", "pp2_tp2_ep2_sp")
 
 
 @functools.cache
 def _launch(name: str):
     world, layout, *hf_overrides = LAYOUTS[name]
-    return name, layout, run_on_ranks(parity_checks, world, layout, True, *hf_overrides)
+    return name, layout, run_on_ranks(parity_checks, world, layout, True, *hf_overrides,
+                                      packed=name in PACKED_LAYOUTS)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -83,3 +86,40 @@ def test_aux_loss_value_and_gradients_match_transformers(launch):
         assert r["aux_loss_diff"] <= 1e-6, (name, rank, r)
         covered |= set(r["compared"])
     assert len(covered) == results[0]["n_hf_params"], sorted(covered)
+
+
+@pytest.fixture(scope="module", params=PACKED_LAYOUTS)
+def packed_launch(request):
+    return _launch(request.param)
+
+
+def test_packed_row_matches_transformers_and_one_rank(packed_launch):
+    """A packed row (text, image, image + video, odd length) through megatron's schedule: each sample's loss equals
+    transformers' loss of the sample alone and the one-rank packed loss within 1e-5 on every last-stage rank."""
+    name, _, results = packed_launch
+    one_rank = _launch("tp1_ep1")[2][0]["packed"]["packed_loss"]
+    last = [r["packed"] for r in results if r["last_stage"]]
+    assert last and all(r["packed"]["packed_loss"] is None for r in results if not r["last_stage"])
+    for rank, r in enumerate(last):
+        assert len(r["packed_loss"]) == len(r["hf_loss"]) == 3
+        for ours, ref, single in zip(r["packed_loss"], r["hf_loss"], one_rank):
+            assert abs(ours - ref) <= LOSS_TOL, (name, rank, r["packed_loss"], r["hf_loss"])
+            assert abs(ours - single) <= LOSS_TOL, (name, rank, r["packed_loss"], one_rank)
+
+
+def test_packed_gradients_and_routing(packed_launch):
+    """Gradients of the packed row's summed token losses equal those of the samples run as separate micro-batches
+    (1e-5 relative, every parameter of every stage); the routing statistics count top_k x real tokens per layer;
+    experts receive as many (token, expert) pairs for the packed row (7 padding tokens) as for the separate,
+    heavily padded micro-batches, and none for an all-padding row, whose loss is 0."""
+    name, _, results = packed_launch
+    for rank, result in enumerate(results):
+        r = result["packed"]
+        assert r["grad_rel"] <= 1e-5, (name, rank, r["grad_rel"], r["grad_worst"])
+        assert r["grad_zero"] == [], (name, rank, r["grad_zero"])
+        assert r["routing_tokens"] == r["num_layers"] * r["real_tokens"], (name, rank, r)
+        assert r["routing_assignments"] == r["top_k"] * r["routing_tokens"], (name, rank, r)
+        assert r["dispatched_packed"] == r["dispatched_alone"] > 0, (name, rank, r)
+        assert r["dispatched_empty"] == 0, (name, rank, r)
+        if result["last_stage"]:
+            assert r["empty_loss"] == 0.0 and r["empty_finite"], (name, rank, r)

@@ -87,6 +87,11 @@ class Qwen3VLRouter(TopKRouter):
     (training), the layer's assignments, summed probabilities and valid-token count go into it, and the aux-loss
     gradient is attached to the probabilities (see routing.py). The gate stays on the input's device (megatron's
     `gating` moves it to CUDA).
+
+    Padding tokens (`padding_mask` True) are routed nowhere: no expert in the routing map, probability 0, so no
+    dispatcher sends them and no expert computes them (their MoE output is 0). megatron-core 0.19 uses
+    `padding_mask` only for its own aux/z losses and expert-bias counts; its top-k routing map and dispatchers
+    still send padding to experts.
     """
 
     def __init__(self, *args, **kwargs):
@@ -98,6 +103,12 @@ class Qwen3VLRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if padding_mask is not None:
+            # Masking only touches padding rows, so real tokens' probabilities and choices are unchanged (and an
+            # all-False mask changes nothing). Done after megatron's routing so its top-k path stays as it is.
+            pad = padding_mask.reshape(-1, 1).bool()
+            probs = probs.masked_fill(pad, 0.0)
+            routing_map = routing_map & ~pad
         record = self.routing_record
         if record is None:
             return probs, routing_map

@@ -3,7 +3,7 @@ DeepStack, the LM head and the loss. One instance is one pipeline stage (the ViT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -25,7 +25,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.language import (
 )
 from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
-from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index
+from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index, packed_position_ids
 from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
 from qwenvl_mcore.parallel.distributed import pipeline_stats_group
 from qwenvl_mcore.parallel.layout import ParallelLayout
@@ -35,7 +35,13 @@ IGNORE_INDEX = -100
 
 @dataclass
 class MultimodalInputs:
-    """One micro-batch as the model takes it (transformers' names; all batch-first)."""
+    """One micro-batch as the model takes it (transformers' names; all batch-first).
+
+    Packed micro-batches (see ``qwenvl_mcore.data.packing``) have b == 1 and set ``cu_seqlens``: int32 [n + 1]
+    boundaries of the n samples in the row (0, ..., number of real tokens); every token from ``cu_seqlens[-1]`` on
+    is padding (``attention_mask`` 0 there when given). Attention then stays inside each sample, position ids (when
+    not given) are computed per sample, and labels must already be shifted per sample.
+    """
 
     input_ids: torch.Tensor  # [b, s]
     attention_mask: torch.Tensor | None = None  # [b, s], 1 = real token
@@ -45,6 +51,7 @@ class MultimodalInputs:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # [b, s] next-token targets aligned with positions (see shift_labels)
+    cu_seqlens: torch.Tensor | None = None  # [n + 1] int32 sample boundaries of a packed row (b == 1)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -117,15 +124,17 @@ class Qwen3VLMoeModel(MegatronModule):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def position_ids(self, batch: MultimodalInputs) -> torch.Tensor:
-        """MRoPE position ids [3, b, s] as transformers' get_rope_index computes them."""
+        """MRoPE position ids [3, b, s] as transformers' get_rope_index computes them (per sample when packed)."""
         if batch.position_ids is not None:
             return batch.position_ids
         a = self.args
+        tokens = dict(image_token_id=a.image_token_id, video_token_id=a.video_token_id,
+                      vision_start_token_id=a.vision_start_token_id, spatial_merge_size=a.vision.spatial_merge_size)
+        if batch.cu_seqlens is not None:
+            return packed_position_ids(batch.input_ids, batch.cu_seqlens, batch.image_grid_thw, batch.video_grid_thw,
+                                       **tokens)
         position_ids, _ = get_rope_index(
-            batch.input_ids, batch.image_grid_thw, batch.video_grid_thw, batch.attention_mask,
-            image_token_id=a.image_token_id, video_token_id=a.video_token_id,
-            vision_start_token_id=a.vision_start_token_id, spatial_merge_size=a.vision.spatial_merge_size,
-        )
+            batch.input_ids, batch.image_grid_thw, batch.video_grid_thw, batch.attention_mask, **tokens)
         return position_ids
 
     def _visual_features(self, batch: MultimodalInputs):
@@ -178,11 +187,18 @@ class Qwen3VLMoeModel(MegatronModule):
         tp = self.config.tensor_model_parallel_size
         sp = self.config.sequence_parallel
         b, s_orig = batch.input_ids.shape
+        if batch.cu_seqlens is not None:
+            batch = _check_packed(batch)
         batch = _pad_to_multiple(batch, tp if sp else 1)
         s = batch.input_ids.shape[1]
         position_ids = self.position_ids(batch)
         rotary = self.rotary(position_ids)
-        attention_mask = self._attention_mask(batch.attention_mask, s)
+        if batch.cu_seqlens is not None:
+            # The CPU path: a dense block-diagonal mask for SDPA. A GPU path would hand flash attention's varlen
+            # kernel flash_varlen_cu_seqlens(batch.cu_seqlens, s) instead (THD layout); not implemented here.
+            attention_mask = packed_attention_mask(batch.cu_seqlens, s, device=batch.input_ids.device)
+        else:
+            attention_mask = self._attention_mask(batch.attention_mask, s)
         padding_mask = None if batch.attention_mask is None else ~batch.attention_mask.bool()
         if padding_mask is not None and sp:
             chunk = s // tp
@@ -250,6 +266,56 @@ def build_model_chunks(args: Qwen3VLMoeArgs, layout: ParallelLayout, **kwargs) -
     return [Qwen3VLMoeModel(args, layout, vp_stage=i, **kwargs) for i in range(layout.vpp)]
 
 
+def packed_segment_ids(cu_seqlens: torch.Tensor, s: int) -> torch.Tensor:
+    """Segment of each of the s tokens of a packed row [s] (long): sample i's tokens get i; every padding token
+    (from cu_seqlens[-1] on) gets a segment of its own (n, n + 1, ...), so it is alone in its segment."""
+    cu = cu_seqlens.to(torch.long).cpu()
+    n_real = int(cu[-1])
+    lengths = cu[1:] - cu[:-1]
+    real = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    pad = torch.arange(lengths.numel(), lengths.numel() + s - n_real)
+    return torch.cat([real, pad])
+
+
+def packed_attention_mask(cu_seqlens: torch.Tensor, s: int, device=None) -> torch.Tensor | None:
+    """Block-diagonal causal mask [1, 1, s, s] (True = masked) of a packed row: a token attends to the earlier
+    tokens of its own sample, and a padding token only to itself (so its softmax stays finite). None (plain causal
+    attention) when the row is a single sample without padding."""
+    if cu_seqlens.numel() == 2 and int(cu_seqlens[-1]) == s:
+        return None
+    seg = packed_segment_ids(cu_seqlens, s).to(device)
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    return ~allowed[None, None]
+
+
+def flash_varlen_cu_seqlens(cu_seqlens: torch.Tensor, s: int) -> tuple[torch.Tensor, int]:
+    """Hook for a GPU varlen attention path (flash_attn_varlen_func / megatron's THD PackedSeqParams): int32
+    boundaries covering all s tokens of a packed row (the padding as one extra trailing segment, since varlen kernels
+    need cu_seqlens[-1] == tokens), and the longest segment. Attention within that padding segment is harmless:
+    nothing real attends to it and its outputs carry no loss. Not used on the CPU."""
+    cu = cu_seqlens.to(torch.int32)
+    if int(cu[-1]) < s:
+        cu = torch.cat([cu, cu.new_tensor([s])])
+    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return cu, max_seqlen
+
+
+def _check_packed(batch: MultimodalInputs) -> MultimodalInputs:
+    """Validate a packed micro-batch; fill in its attention_mask (1 before cu_seqlens[-1]) when not given."""
+    b, s = batch.input_ids.shape
+    cu = batch.cu_seqlens
+    if b != 1:
+        raise ValueError(f"a packed micro-batch (cu_seqlens set) must have batch size 1, got {b}.")
+    if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > s:
+        raise ValueError(f"cu_seqlens must be a 1-D sequence rising from 0 to at most {s}, got {cu.tolist()}.")
+    real = (torch.arange(s, device=batch.input_ids.device) < int(cu[-1])).unsqueeze(0)
+    if batch.attention_mask is None:
+        return replace(batch, attention_mask=real.long())
+    if not torch.equal(batch.attention_mask.bool(), real):
+        raise ValueError("a packed micro-batch's attention_mask must be 1 exactly on the tokens before cu_seqlens[-1].")
+    return batch
+
+
 def _pad_to_multiple(batch: MultimodalInputs, multiple: int) -> MultimodalInputs:
     """Right-pad the sequence to a multiple of `multiple` (sequence parallelism splits it evenly).
 
@@ -271,5 +337,5 @@ def _pad_to_multiple(batch: MultimodalInputs, multiple: int) -> MultimodalInputs
         input_ids=right(batch.input_ids, 0), attention_mask=attention_mask, position_ids=position_ids,
         pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
         pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw,
-        labels=right(batch.labels, IGNORE_INDEX),
+        labels=right(batch.labels, IGNORE_INDEX), cu_seqlens=batch.cu_seqlens,
     )

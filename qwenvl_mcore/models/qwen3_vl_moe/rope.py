@@ -4,7 +4,8 @@ Everything here is plain torch (no megatron parallel state, no CUDA calls) and r
 transformers reference (``transformers/models/qwen3_vl_moe/modeling_qwen3_vl_moe.py``):
 
 * :func:`get_rope_index` / :func:`position_ids_for_sample` -- the 3-axis (t, h, w) MRoPE position ids of the
-  language model, equal to transformers' ``Qwen3VLMoeModel.get_rope_index``.
+  language model, equal to transformers' ``Qwen3VLMoeModel.get_rope_index``; :func:`packed_position_ids` -- the
+  same for a packed row, each sample as if alone.
 * :class:`MRotaryEmbedding` -- the language model's rotation angles with *interleaved* MRoPE frequency slots
   (T, H, W, T, H, W, ...), laid out as megatron's ``rotary_pos_emb`` (``[s, b, 1, head_dim]``).
 * :class:`VisionRotaryEmbedding` / :func:`vision_rotary_angles` -- the ViT's axial 2D rotation angles,
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 __all__ = [
     "get_rope_index",
     "position_ids_for_sample",
+    "packed_position_ids",
     "split_video_grids_per_frame",
     "MRotaryEmbedding",
     "mrope_slot_axes",
@@ -202,6 +204,53 @@ def position_ids_for_sample(
     )
     _check_all_used(n_img, len(image_grids), n_frm, len(frame_grids))
     return pos
+
+
+def packed_position_ids(
+    input_ids: Tensor,
+    cu_seqlens: Tensor | Sequence[int],
+    image_grid_thw: GridLike = None,
+    video_grid_thw: GridLike = None,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    vision_start_token_id: int,
+    spatial_merge_size: int,
+) -> Tensor:
+    """MRoPE position ids ``[3, 1, s]`` of ONE packed row ``input_ids`` ``[1, s]`` (or ``[s]``).
+
+    Sample ``i`` is ``input_ids[cu_seqlens[i]:cu_seqlens[i + 1]]`` and gets the positions it would get alone
+    (:func:`position_ids_for_sample`), so every sample starts again at 0.  Grids are consumed in sample order (all
+    images of sample 0, then of sample 1, ...; likewise videos) and must all be used.  Tokens from ``cu_seqlens[-1]``
+    on (padding) get position 0, as padding does in :func:`get_rope_index`; nothing attends to them.  The dtype is
+    that of ``input_ids``.
+    """
+    row = input_ids[0] if input_ids.dim() == 2 and input_ids.shape[0] == 1 else input_ids
+    if row.dim() != 1:
+        raise ValueError(f"a packed row must be [1, s] (or [s]), got shape {tuple(input_ids.shape)}")
+    bounds = [int(b) for b in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)]
+    if not bounds or bounds[0] != 0 or any(b > e for b, e in zip(bounds, bounds[1:])) or bounds[-1] > row.numel():
+        raise ValueError(f"cu_seqlens must rise from 0 to at most {row.numel()}, got {bounds}")
+    image_grids = _grid_rows(image_grid_thw, "image_grid_thw")
+    frame_grids = split_video_grids_per_frame(video_grid_thw)
+    out = torch.zeros(3, 1, row.numel(), dtype=row.dtype, device=row.device)
+    next_img = next_frm = 0
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        pos, n_img, n_frm = _sample_positions(
+            row[start:end],
+            image_grids[next_img:],
+            frame_grids[next_frm:],
+            image_token_id=image_token_id,
+            video_token_id=video_token_id,
+            vision_start_token_id=vision_start_token_id,
+            spatial_merge_size=spatial_merge_size,
+            where=f"packed sample {i} (tokens {start}:{end})",
+        )
+        next_img += n_img
+        next_frm += n_frm
+        out[:, 0, start:end] = pos.to(out.dtype)
+    _check_all_used(next_img, len(image_grids), next_frm, len(frame_grids))
+    return out
 
 
 def _check_all_used(n_img: int, total_img: int, n_frm: int, total_frm: int) -> None:

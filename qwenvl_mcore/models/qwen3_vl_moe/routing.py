@@ -87,7 +87,10 @@ class RoutingStats:
         return self.micro[index]
 
     def aux_losses(self) -> list[float]:
-        return [self.micro[i].aux_loss() for i in sorted(self.micro)]
+        """transformers' aux value of each micro-batch that had tokens (an all-padding micro-batch, which only fills
+        a rank up to the agreed micro-batch count, has no load-balancing loss)."""
+        e = self.num_experts
+        return [mb.aux_loss() for _, mb in sorted(self.micro.items()) if float(mb.totals()[2 * e]) > 0]
 
     def layer_counts(self, num_layers: int) -> torch.Tensor:
         """[num_layers, E] assignments per layer summed over the micro-batches, for this rank's layers and tokens

@@ -1,0 +1,247 @@
+"""From a dataset of samples to this rank's micro-batches of one optimizer step, in DataLoader worker processes.
+
+A step's global batch is `data.global_batch_size` dataset entries at a fixed position of the sampler's stream, so the
+only state a resume needs is that position (`consumed_samples`). Each data-parallel rank renders its share of the
+entries, leaves out the bad ones (counted by reason, with their location), applies the over-long policy, and packs
+what is left into bins of `data.seq_length` tokens (first-fit decreasing) or pads it into micro-batches of
+`data.micro_batch_size` samples. Ranks can end with different numbers of micro-batches; the trainer agrees on the
+largest and fills the others with all-padding micro-batches (:func:`empty_microbatch`), which train nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from qwenvl_mcore.data.collate import DataError, collate
+from qwenvl_mcore.data.sample import Sample, SkipSample
+from qwenvl_mcore.data.sampler import GlobalBatchSampler, shard_for_rank, split_microbatches
+from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs
+
+__all__ = ["OVERLONG_POLICIES", "BatchShape", "RankStep", "StepBatches", "empty_microbatch", "fit_length",
+           "media_spans", "step_loader"]
+
+OVERLONG_POLICIES = ("drop", "truncate_text", "error")
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """How samples become micro-batches, and the token ids that locate vision blocks."""
+
+    seq_length: int  # tokens per packed bin, or per padded sample
+    packing: bool
+    micro_batch_size: int  # samples per micro-batch without packing (a packed micro-batch is one bin)
+    pad_token_id: int
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    spatial_merge_size: int
+    overlong: str = "drop"  # drop | truncate_text | error
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG_POLICIES:
+            raise DataError(f"data.overlong={self.overlong!r}: choose one of {', '.join(OVERLONG_POLICIES)}.")
+        if self.packing and self.micro_batch_size != 1:
+            raise DataError(f"data.packing=true packs samples into one sequence of data.seq_length={self.seq_length} "
+                            f"tokens per micro-batch: set data.micro_batch_size=1 (got {self.micro_batch_size}).")
+
+    @classmethod
+    def of(cls, args, pad_token_id: int, *, seq_length: int, packing: bool, micro_batch_size: int,
+           overlong: str = "drop") -> "BatchShape":
+        """From the model's Qwen3VLMoeArgs (its token ids) and the data settings."""
+        return cls(seq_length, packing, micro_batch_size, pad_token_id, args.image_token_id, args.video_token_id,
+                   args.vision_start_token_id, args.vision_end_token_id, args.vision.spatial_merge_size, overlong)
+
+
+# -- over-long samples ---------------------------------------------------------------------------------------------
+_TIMESTAMP = re.compile(r"<\d+(\.\d+)? seconds>\s*$")
+
+
+def media_spans(sample: Sample, shape: BatchShape, tokenizer=None) -> list[tuple[int, int, str]]:
+    """``(start, end, kind)`` token ranges of each image and each whole video of ``sample``, in order.
+
+    An image is its ``<|vision_start|> pads <|vision_end|>`` block. A video is all its frame blocks (``grid_t`` of
+    them) with the timestamps between them and, when ``tokenizer`` is given, the ``<t seconds>`` text before its
+    first frame, so that cutting before a video's start removes the whole video.
+    """
+    ids = sample.input_ids.tolist()
+    starts = [p for p, t in enumerate(ids) if t == shape.vision_start_token_id]
+    video_frames = [] if sample.video_grid_thw is None else [int(g[0]) for g in sample.video_grid_thw]
+    spans, frames_left, prev_end = [], 0, 0
+    for p in starts:
+        try:
+            end = ids.index(shape.vision_end_token_id, p) + 1
+        except ValueError:
+            raise DataError(f"sample {sample.index} ({sample.location}): a vision block without its end token.")
+        kind = "video" if p + 1 < len(ids) and ids[p + 1] == shape.video_token_id else "image"
+        if kind == "video" and frames_left:  # a later frame of the current video: extend it
+            spans[-1] = (spans[-1][0], end, "video")
+            frames_left -= 1
+        else:
+            start = p
+            if kind == "video":
+                if not video_frames:
+                    raise DataError(f"sample {sample.index} ({sample.location}): more video blocks than video grids.")
+                frames_left = video_frames.pop(0) - 1
+                if tokenizer is not None:
+                    for j in range(p - 1, max(prev_end, p - 16) - 1, -1):
+                        if _TIMESTAMP.search(tokenizer.decode(ids[j:p])):
+                            start = j
+                            break
+            spans.append((start, end, kind))
+        prev_end = end
+    return spans
+
+
+def _truncate(sample: Sample, limit: int, shape: BatchShape, tokenizer) -> Sample:
+    """``sample`` cut to at most ``limit`` tokens, never inside an image or video: a block the cut would split is
+    removed whole together with everything after it (its pixels and grid rows too)."""
+    cut = limit
+    spans = media_spans(sample, shape, tokenizer)
+    for start, end, _ in spans:
+        if start < cut < end:
+            cut = start
+    kept = [kind for start, end, kind in spans if end <= cut]
+    n_img, n_vid = kept.count("image"), kept.count("video")
+
+    def media(pixels, grids, n):
+        if grids is None or n == 0:
+            return None, None
+        rows = int(grids[:n].prod(-1).sum())
+        return pixels[:rows], grids[:n]
+
+    pixel_values, image_grid_thw = media(sample.pixel_values, sample.image_grid_thw, n_img)
+    pixel_values_videos, video_grid_thw = media(sample.pixel_values_videos, sample.video_grid_thw, n_vid)
+    return Sample(input_ids=sample.input_ids[:cut], labels=sample.labels[:cut], pixel_values=pixel_values,
+                  image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw, index=sample.index, location=sample.location)
+
+
+def fit_length(sample: Sample, shape: BatchShape, tokenizer=None) -> Sample:
+    """Apply `data.overlong` to a sample longer than `data.seq_length` (a shorter one is returned as is).
+
+    drop: :class:`SkipSample` ``too_long``; truncate_text: :func:`_truncate` (``too_long`` when nothing trainable is
+    left); error: :class:`DataError` naming the sample and the fixes.
+    """
+    n = len(sample)
+    if n <= shape.seq_length:
+        return sample
+    what = f"{n} tokens with vision tokens expanded, more than data.seq_length={shape.seq_length}"
+    if shape.overlong == "error":
+        raise DataError(f"sample {sample.index} at {sample.location}: {what}. Raise data.seq_length, lower the pixel "
+                        "budgets (data.image_max_pixels, data.video_max_pixels), or set data.overlong=drop or "
+                        "truncate_text.")
+    if shape.overlong == "drop":
+        raise SkipSample("too_long", what, sample.location)
+    cut = _truncate(sample, shape.seq_length, shape, tokenizer)
+    if int((shift(cut.labels) != IGNORE_INDEX).sum()) == 0:
+        raise SkipSample("too_long", what + "; truncating it leaves nothing to train on", sample.location)
+    return cut
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """1-D transformers-style labels -> the targets the loss sees (position t predicts labels[t+1])."""
+    return torch.cat([labels[1:], labels.new_full((1,), IGNORE_INDEX)])
+
+
+# -- one step of one rank ------------------------------------------------------------------------------------------
+@dataclass
+class RankStep:
+    """This data-parallel rank's share of the global batch at stream position ``consumed``."""
+
+    consumed: int
+    indices: list[int]  # the dataset entries of this rank (skipped ones included)
+    microbatches: list[MultimodalInputs]
+    lengths: list[int] = field(default_factory=list)  # tokens of each kept sample
+    grids: torch.Tensor | None = None  # [n, 3] image and video grids of the kept samples (for FLOPs)
+    skips: list[tuple[str, str, str]] = field(default_factory=list)  # (reason, location, detail)
+    truncated: int = 0
+
+
+def empty_microbatch(shape: BatchShape) -> MultimodalInputs:
+    """A micro-batch of padding only (no loss tokens, nothing routed): fills a rank up to the agreed count."""
+    return collate([], shape.seq_length, shape.pad_token_id, rows=shape.micro_batch_size)
+
+
+def microbatches_of(samples: list[Sample], shape: BatchShape) -> list[MultimodalInputs]:
+    """Packed bins (first-fit decreasing) or padded groups of micro_batch_size samples, in a fixed order."""
+    if not samples:
+        return []
+    if shape.packing:
+        from qwenvl_mcore.data.packing import first_fit, pack
+
+        bins = first_fit([len(s) for s in samples], shape.seq_length)
+        return [pack([samples[i] for i in b], shape.seq_length, shape.pad_token_id,
+                     image_token_id=shape.image_token_id, video_token_id=shape.video_token_id,
+                     vision_start_token_id=shape.vision_start_token_id,
+                     spatial_merge_size=shape.spatial_merge_size) for b in bins]
+    groups = [samples[i:i + shape.micro_batch_size] for i in range(0, len(samples), shape.micro_batch_size)]
+    return [collate(g, shape.seq_length, shape.pad_token_id, rows=shape.micro_batch_size) for g in groups]
+
+
+class StepBatches(Dataset):
+    """``step_batches[consumed]`` -> :class:`RankStep`: the global batch at that stream position, this rank's share
+    rendered, filtered, fitted and batched. Deterministic in (dataset, sampler, rank, shape): every rank of a
+    model-parallel group computes the same micro-batches, and a resumed run the same as an uninterrupted one."""
+
+    def __init__(self, dataset, sampler: GlobalBatchSampler, shape: BatchShape, *, dp_rank: int, dp_size: int,
+                 tokenizer=None):
+        self.dataset, self.sampler, self.shape = dataset, sampler, shape
+        self.dp_rank, self.dp_size, self.tokenizer = dp_rank, dp_size, tokenizer
+        split_microbatches(list(range(sampler.global_batch_size // dp_size)),  # checks the batch arithmetic
+                           1 if shape.packing else shape.micro_batch_size)
+
+    def __len__(self) -> int:  # a position, not an index: any consumed count is valid
+        raise TypeError("StepBatches is indexed by stream position; it has no length")
+
+    def __getitem__(self, consumed: int) -> RankStep:
+        indices = shard_for_rank(self.sampler.global_batch(int(consumed)), self.dp_rank, self.dp_size)
+        step = RankStep(consumed=int(consumed), indices=indices, microbatches=[])
+        samples = []
+        for i in indices:
+            item = self.dataset[i]
+            try:
+                if isinstance(item, SkipSample):
+                    raise item
+                fitted = fit_length(item, self.shape, self.tokenizer)
+            except SkipSample as skip:
+                step.skips.append((skip.reason, skip.location, skip.detail))
+                continue
+            step.truncated += int(fitted is not item)
+            samples.append(fitted)
+        step.lengths = [len(s) for s in samples]
+        grids = [g for s in samples for g in (s.image_grid_thw, s.video_grid_thw) if g is not None]
+        step.grids = torch.cat(grids) if grids else None
+        step.microbatches = microbatches_of(samples, self.shape)
+        return step
+
+
+class _Positions(Sampler):
+    """Stream positions start, start + gbs, start + 2 gbs, ... (endless; the trainer stops reading)."""
+
+    def __init__(self, start: int, global_batch_size: int):
+        self.start, self.step = start, global_batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        while True:
+            yield position
+            position += self.step
+
+
+def _as_is(item):
+    return item
+
+
+def step_loader(steps: StepBatches, start: int, *, num_workers: int = 0, prefetch: int = 2) -> Iterator[RankStep]:
+    """The RankSteps from stream position ``start`` on, rendered ahead in ``num_workers`` worker processes (0: in
+    this process). Worker processes decode media while the model trains; the order never depends on them."""
+    loader = DataLoader(steps, batch_size=None, sampler=_Positions(start, steps.sampler.global_batch_size),
+                        num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
+                        collate_fn=_as_is, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return iter(loader)

@@ -265,24 +265,25 @@ def agreed_microbatches(run: Run, step: RankStep) -> list:
     return step.microbatches + [empty_microbatch(batch_shape(run))] * (int(count) - len(step.microbatches))
 
 
-def account_skips(run: Run, step: RankStep, writer) -> dict:
+def account_data(run: Run, step: RankStep, writer) -> tuple[dict, list[int]]:
     """Add the samples every data-parallel rank left out of this step to the run's counts; rank 0 logs each one
-    (console and logs/data_skips.jsonl). Returns this step's counts by reason."""
+    (console and logs/data_skips.jsonl). Returns this step's skip counts by reason and the dataset entries the
+    data-parallel ranks were given, in rank order."""
     group = parallel_state.get_data_parallel_group()
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (step.skips, step.truncated), group=group)
-    skips = [s for rank_skips, _ in everyone for s in rank_skips]
+    dist.all_gather_object(everyone, (step.skips, step.truncated, step.indices), group=group)
+    skips = [s for rank_skips, _, _ in everyone for s in rank_skips]
     counts = Counter(reason for reason, _, _ in skips)
     for reason, n in counts.items():
         run.state.data_skips[reason] = run.state.data_skips.get(reason, 0) + n
-    run.state.truncated_samples += sum(t for _, t in everyone)
+    run.state.truncated_samples += sum(t for _, t, _ in everyone)
     if writer and skips:
         with open(os.path.join(run.cfg.logging.dir, "data_skips.jsonl"), "a") as f:
             for reason, location, detail in skips:
                 f.write(json.dumps({"step": run.state.step + 1, "reason": reason, "location": location,
                                     "detail": detail}) + "\n")
                 writer.message(f"[data] skipped {reason} at {location}: {detail}")
-    return dict(counts)
+    return dict(counts), [i for _, _, indices in everyone for i in indices]
 
 
 def _work_of(run: Run, step: RankStep) -> torch.Tensor:
@@ -397,7 +398,7 @@ def _one_step(run: Run, data: RankStep, sampler: GlobalBatchSampler, writer, pea
     if data.consumed != state.consumed_samples:
         raise RuntimeError(f"data loader at sample {data.consumed}, run at {state.consumed_samples}")
     micro = agreed_microbatches(run, data)
-    skipped_now = account_skips(run, data, writer)
+    skipped_now, entries = account_data(run, data, writer)
     work = _work_of(run, data)
     dist.all_reduce(work, group=parallel_state.get_data_parallel_group())
     lr = run.optimizer.param_groups[0]["lr"]  # the LR this step uses
@@ -421,7 +422,7 @@ def _one_step(run: Run, data: RankStep, sampler: GlobalBatchSampler, writer, pea
              "expert_load": result.expert_load, "microbatches": len(micro), "data_skips": dict(state.data_skips),
              "data_skips_step": skipped_now, "truncated_samples": state.truncated_samples}
         if cfg.logging.sample_ids:
-            m["sample_ids"] = sampler.global_batch(state.consumed_samples - cfg.data.global_batch_size)
+            m["sample_ids"] = entries  # what the data-parallel ranks were handed, in rank order
         writer.log(state.step, m)
     if state.consecutive_skips >= cfg.trainer.max_consecutive_skips:
         return BAD_STEPS

@@ -231,24 +231,35 @@ def packed_position_ids(
     bounds = [int(b) for b in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)]
     if not bounds or bounds[0] != 0 or any(b > e for b, e in zip(bounds, bounds[1:])) or bounds[-1] > row.numel():
         raise ValueError(f"cu_seqlens must rise from 0 to at most {row.numel()}, got {bounds}")
+    out = torch.zeros(3, 1, row.numel(), dtype=row.dtype, device=row.device)
+    segments = [(start, end) for start, end in zip(bounds, bounds[1:])]
+    positions = _positions_of_rows(
+        [row[start:end] for start, end in segments], image_grid_thw, video_grid_thw,
+        [f"packed sample {i} (tokens {start}:{end})" for i, (start, end) in enumerate(segments)],
+        image_token_id=image_token_id, video_token_id=video_token_id,
+        vision_start_token_id=vision_start_token_id, spatial_merge_size=spatial_merge_size)
+    for (start, end), pos in zip(segments, positions):
+        out[:, 0, start:end] = pos.to(out.dtype)
+    return out
+
+
+def _positions_of_rows(rows: list[Tensor], image_grid_thw: GridLike, video_grid_thw: GridLike, names: list[str], *,
+                       image_token_id: int, video_token_id: int, vision_start_token_id: int,
+                       spatial_merge_size: int) -> list[Tensor]:
+    """MRoPE positions [3, len(row)] of each row of real tokens, each as if alone; grids consumed in row order and
+    all of them used (``names`` say where a mismatch is)."""
     image_grids = _grid_rows(image_grid_thw, "image_grid_thw")
     frame_grids = split_video_grids_per_frame(video_grid_thw)
-    out = torch.zeros(3, 1, row.numel(), dtype=row.dtype, device=row.device)
+    out = []
     next_img = next_frm = 0
-    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+    for ids, name in zip(rows, names):
         pos, n_img, n_frm = _sample_positions(
-            row[start:end],
-            image_grids[next_img:],
-            frame_grids[next_frm:],
-            image_token_id=image_token_id,
-            video_token_id=video_token_id,
-            vision_start_token_id=vision_start_token_id,
-            spatial_merge_size=spatial_merge_size,
-            where=f"packed sample {i} (tokens {start}:{end})",
-        )
+            ids, image_grids[next_img:], frame_grids[next_frm:], image_token_id=image_token_id,
+            video_token_id=video_token_id, vision_start_token_id=vision_start_token_id,
+            spatial_merge_size=spatial_merge_size, where=name)
         next_img += n_img
         next_frm += n_frm
-        out[:, 0, start:end] = pos.to(out.dtype)
+        out.append(pos)
     _check_all_used(next_img, len(image_grids), next_frm, len(frame_grids))
     return out
 
@@ -288,38 +299,23 @@ def get_rope_index(
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
-    image_grids = _grid_rows(image_grid_thw, "image_grid_thw")
-    frame_grids = split_video_grids_per_frame(video_grid_thw)
-
     b, s = input_ids.shape
     device = input_ids.device
+    masks = [attention_mask[i].bool() if attention_mask is not None else None for i in range(b)]
+    rows = [input_ids[i] if masks[i] is None else input_ids[i][masks[i]] for i in range(b)]
+    positions = _positions_of_rows(
+        rows, image_grid_thw, video_grid_thw, [f"batch row {i}" for i in range(b)], image_token_id=image_token_id,
+        video_token_id=video_token_id, vision_start_token_id=vision_start_token_id,
+        spatial_merge_size=spatial_merge_size)
     position_ids = torch.zeros(3, b, s, dtype=input_ids.dtype, device=device)
     deltas: list[int] = []
-    next_img = next_frm = 0
-    for i in range(b):
-        ids = input_ids[i]
-        mask = attention_mask[i].bool() if attention_mask is not None else None
-        if mask is not None:
-            ids = ids[mask]
-        pos, n_img, n_frm = _sample_positions(
-            ids,
-            image_grids[next_img:],
-            frame_grids[next_frm:],
-            image_token_id=image_token_id,
-            video_token_id=video_token_id,
-            vision_start_token_id=vision_start_token_id,
-            spatial_merge_size=spatial_merge_size,
-            where=f"batch row {i}",
-        )
-        next_img += n_img
-        next_frm += n_frm
+    for i, (ids, mask, pos) in enumerate(zip(rows, masks, positions)):
         if mask is None:
             position_ids[:, i] = pos.to(position_ids.dtype)
         else:
             position_ids[:, i, mask] = pos.to(position_ids.dtype)
         # An empty row (fully masked) gets delta 0; transformers would fail on it.
         deltas.append(int(pos.max()) + 1 - ids.numel() if ids.numel() else 0)
-    _check_all_used(next_img, len(image_grids), next_frm, len(frame_grids))
     mrope_position_deltas = torch.tensor(deltas, dtype=torch.long, device=device).unsqueeze(1)
     return position_ids, mrope_position_deltas
 

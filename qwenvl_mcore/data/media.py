@@ -248,7 +248,8 @@ def _load_pyav(ref: MediaRef, choose_frames: ChooseFrames, what: str) -> tuple[n
             for i, frame in enumerate(container.decode(stream)):
                 decoded = i + 1
                 if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
+                    # one scaler thread: a scaler with helper threads hangs in forked DataLoader workers
+                    kept[i] = frame.to_ndarray(format="rgb24", threads=1)
                 if i >= last:
                     break
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:

@@ -41,7 +41,13 @@ def dataset_specs(value: Any, key: str = "data.train") -> list[DatasetSpec]:
     media_dir}`` mappings. A bad value raises :class:`DataError` naming ``key`` and the accepted forms."""
     if value is None:
         return []
-    items = [value] if isinstance(value, (str, Mapping)) else list(value)
+    if isinstance(value, (str, Mapping)):
+        items = [value]
+    elif isinstance(value, Sequence):
+        items = list(value)
+    else:
+        raise DataError(f"{key}={value!r} is not a dataset: give a path, or a list of paths and {{path, weight, "
+                        "format, media_dir}} mappings.")
     specs = []
     for item in items:
         if isinstance(item, str):
@@ -50,7 +56,11 @@ def dataset_specs(value: Any, key: str = "data.train") -> list[DatasetSpec]:
         if not isinstance(item, Mapping) or "path" not in item or set(item) - _SPEC_KEYS:
             raise DataError(f"{key}: {item!r} is not a dataset; give a path or a mapping with keys path (required), "
                             "weight, format, media_dir, e.g. data.train=[{path:a.jsonl,weight:2},b.parquet].")
-        spec = DatasetSpec(str(item["path"]), float(item.get("weight", 1.0)), str(item.get("format", "auto")),
+        try:
+            weight = float(item.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = math.nan
+        spec = DatasetSpec(str(item["path"]), weight, str(item.get("format", "auto")),
                            None if item.get("media_dir") is None else str(item["media_dir"]))
         if not (spec.weight > 0 and math.isfinite(spec.weight)):
             raise DataError(f"{key}: weight {item.get('weight')!r} of {spec.path} must be a positive number.")

@@ -11,6 +11,7 @@ largest and fills the others with all-padding micro-batches (:func:`empty_microb
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -238,10 +239,26 @@ def _as_is(item):
     return item
 
 
+_INHERITED_SCALERS = []  # see _drop_inherited_scaler: kept alive on purpose, never freed
+
+
+def _drop_inherited_scaler(_worker_id: int) -> None:
+    """In a forked worker: forget the video scaler inherited from the main process. PyAV keeps one swscale context
+    per thread, with slice threads of its own; a fork copies the context but not its threads, so the worker's next
+    frame conversion (to a new size) joins threads that do not exist and hangs forever. The stale context is kept
+    unfreed (freeing it would join them too) and PyAV builds a fresh one in the worker."""
+    local = getattr(sys.modules.get("av.video.frame"), "_thread_local", None)
+    stale = getattr(local, "reformatter", None)
+    if stale is not None:
+        _INHERITED_SCALERS.append(stale)
+        local.reformatter = None
+
+
 def step_loader(steps: StepBatches, start: int, *, num_workers: int = 0, prefetch: int = 2) -> Iterator[RankStep]:
     """The RankSteps from stream position ``start`` on, rendered ahead in ``num_workers`` worker processes (0: in
     this process). Worker processes decode media while the model trains; the order never depends on them."""
     loader = DataLoader(steps, batch_size=None, sampler=_Positions(start, steps.sampler.global_batch_size),
                         num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
-                        collate_fn=_as_is, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                        collate_fn=_as_is, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        worker_init_fn=_drop_inherited_scaler if num_workers else None)
     return iter(loader)

@@ -16,6 +16,7 @@ import math
 import re
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -92,6 +93,37 @@ def manifest_location(out: Path, entry: dict) -> str:
 
 
 @pytest.fixture(scope="module")
+def late_media(dirty, renderer, tmp_path_factory):
+    """Samples whose images and videos come after trained answers (the sample dataset puts media in the first user
+    turn only, where a cut through them leaves nothing to train on), rendered from a messages file of our own."""
+    out, manifest = dirty
+    images = [out / p for p, m in manifest["media"].items() if m["type"] == "image"]
+    videos = [out / p for p, m in manifest["media"].items() if m["type"] == "video" and m["frames"] >= 8]
+    assert len(images) >= 4 and len(videos) >= 3
+    records = [
+        {"messages": [{"role": "user", "content": "Hello, how are you today?"},
+                      {"role": "assistant", "content": "I am fine, thank you."},
+                      {"role": "user", "content": "<image> and <video> What is shown?"},
+                      {"role": "assistant", "content": "A red square and a blue circle."},
+                      {"role": "user", "content": "Then <video> and <image>: which one moves?"},
+                      {"role": "assistant", "content": "The ball moves from the left to the right."}],
+         "images": [str(images[0]), str(images[1])], "videos": [str(videos[0]), str(videos[1])]},
+        {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "Describe <video> in one short sentence."},
+                      {"role": "assistant", "content": "A green ball is moving."},
+                      {"role": "user", "content": "Compare <image> <image>."},
+                      {"role": "assistant", "content": "The first one is brighter."}],
+         "images": [str(images[2]), str(images[3])], "videos": [str(videos[2])]},
+    ]
+    path = tmp_path_factory.mktemp("late") / "late.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds = MixedDataset(dataset_specs(str(path)), renderer)
+    samples = [ds[i] for i in range(len(ds))]
+    assert all(isinstance(s, Sample) for s in samples), samples
+    return samples
+
+
+@pytest.fixture(scope="module")
 def clean_samples(mix):
     """The rendered clean entries of the mix (every one fits in SEQ tokens)."""
     items = [mix[i] for i in range(len(mix))]
@@ -123,8 +155,11 @@ def test_dataset_specs_forms():
     ([{"path": "a.jsonl", "weight": -1.5}], "weight -1.5 of a.jsonl must be a positive number"),
     ([{"path": "a.jsonl", "weight": float("nan")}], "weight nan"),
     ([{"path": "a.jsonl", "weight": float("inf")}], "weight inf"),
+    ([{"path": "a.jsonl", "weight": "abc"}], "weight 'abc' of a.jsonl must be a positive number"),
     ([], "empty list"),
     ([3], "not a dataset"),
+    (5, "not a dataset"),  # neither a path nor a list
+    (True, "not a dataset"),
 ])
 @pytest.mark.parametrize("key", ["data.train", "data.valid"])
 def test_dataset_specs_errors_name_the_key(value, message, key):
@@ -314,6 +349,14 @@ def _blocks(ids: list[int], text: str, ends: list[int], grids_t: list[int], shap
     return blocks
 
 
+def _rope(sample: Sample, model_args) -> torch.Tensor:
+    positions, _ = get_rope_index(
+        sample.input_ids[None], sample.image_grid_thw, sample.video_grid_thw, image_token_id=model_args.image_token_id,
+        video_token_id=model_args.video_token_id, vision_start_token_id=model_args.vision_start_token_id,
+        spatial_merge_size=model_args.vision.spatial_merge_size)
+    return positions
+
+
 def _check_truncations(sample: Sample, shape: BatchShape, tokenizer, model_args) -> Counter:
     ids = sample.input_ids.tolist()
     n = len(ids)
@@ -322,8 +365,8 @@ def _check_truncations(sample: Sample, shape: BatchShape, tokenizer, model_args)
     grids_t = [] if sample.video_grid_thw is None else sample.video_grid_thw[:, 0].tolist()
     blocks = _blocks(ids, text, ends, grids_t, shape)
     labels = sample.labels
+    full_positions = _rope(sample, model_args)
     outcomes = Counter()
-    rope_checked = set()
     for limit in range(1, n + 1):
         trainable = bool((labels[1:limit] != IGNORE_INDEX).any())  # a target after position 0 within the limit
         try:
@@ -367,26 +410,20 @@ def _check_truncations(sample: Sample, shape: BatchShape, tokenizer, model_args)
         if kept_frames:
             assert cut.video_grid_thw[:, 0].tolist() == kept_frames
         outcomes["cut" if m < limit else "exact"] += 1
-        key = (n_img, len(kept_frames))
-        if key not in rope_checked or m == limit - 1:
-            # The model side agrees: the placeholder runs match the grids (get_rope_index raises otherwise).
-            rope_checked.add(key)
-            positions, _ = get_rope_index(
-                cut.input_ids[None], cut.image_grid_thw, cut.video_grid_thw, image_token_id=model_args.image_token_id,
-                video_token_id=model_args.video_token_id, vision_start_token_id=model_args.vision_start_token_id,
-                spatial_merge_size=model_args.vision.spatial_merge_size)
-            assert positions.shape == (3, 1, m)
+        # The model side agrees: the placeholder runs match the grids (get_rope_index raises otherwise), and the
+        # MRoPE positions are those of the whole sample's first m tokens.
+        assert torch.equal(_rope(cut, model_args), full_positions[:, :, :m])
     return outcomes
 
 
-def test_truncate_text_every_cut(clean_samples, model_args, processor):
+def test_truncate_text_every_cut(clean_samples, late_media, model_args, processor):
     """For every cut length of samples with images and videos: a prefix that never ends inside an image or a video,
     with exactly the kept media's pixels and grids, or a too_long skip when nothing trainable is left."""
     shape = make_shape(model_args, processor, seq_length=1, overlong="truncate_text")
-    chosen = [s for s in clean_samples if s.video_grid_thw is not None and s.image_grid_thw is not None][:2]
-    chosen += [s for s in clean_samples if s.video_grid_thw is not None and s.image_grid_thw is None][:2]
-    chosen += [s for s in clean_samples if s.image_grid_thw is not None and len(s.image_grid_thw) == 2][:1]
-    assert len(chosen) == 5
+    chosen = list(late_media)
+    chosen += [s for s in clean_samples if s.video_grid_thw is not None and s.image_grid_thw is not None][:1]
+    chosen += [s for s in clean_samples if s.video_grid_thw is not None and s.image_grid_thw is None][:1]
+    assert len(chosen) == 4
     assert max(int(s.video_grid_thw[:, 0].max()) for s in chosen if s.video_grid_thw is not None) >= 2
     totals = Counter()
     for sample in chosen:
@@ -394,20 +431,24 @@ def test_truncate_text_every_cut(clean_samples, model_args, processor):
     assert totals["skip"] and totals["cut"] and totals["exact"], totals
 
 
-def test_truncate_drops_a_whole_video(clean_samples, model_args, processor):
-    """A limit inside the second frame block of a video removes the video, its first frame and timestamp too."""
-    sample = next(s for s in clean_samples if s.video_grid_thw is not None and int(s.video_grid_thw[0, 0]) >= 2
-                  and s.num_loss_tokens)
+def test_truncate_drops_a_whole_video(late_media, model_args, processor):
+    """A limit inside the last frame block of a video removes the whole video: its earlier frames, their timestamps
+    and its pixels; the image before it stays."""
+    sample = late_media[0]  # image, video | video, image
+    tokenizer = processor.tokenizer
     ids = sample.input_ids.tolist()
-    starts = [p for p, t in enumerate(ids) if t == model_args.vision_start_token_id and
-              ids[p + 1] == model_args.video_token_id]
-    limit = starts[1] + 2
-    if not (sample.labels[1:limit] != IGNORE_INDEX).any():  # media before the text: train text must fit
-        pytest.skip("video before any trained token")
-    shape = make_shape(model_args, processor, seq_length=limit, overlong="truncate_text")
-    cut = fit_length(sample, shape, processor.tokenizer)
+    video_starts = [p for p, t in enumerate(ids) if t == model_args.vision_start_token_id and
+                    ids[p + 1] == model_args.video_token_id]
+    frames = int(sample.video_grid_thw[0, 0])
+    assert frames >= 2
+    last_frame = video_starts[frames - 1]
+    cut = fit_length(sample, make_shape(model_args, processor, seq_length=last_frame + 2, overlong="truncate_text"),
+                     tokenizer)
     assert cut.video_grid_thw is None and cut.pixel_values_videos is None
-    assert len(cut) < starts[0] and "seconds>" not in processor.tokenizer.decode(cut.input_ids)
+    assert len(cut) < video_starts[0] and "seconds>" not in tokenizer.decode(cut.input_ids)
+    assert tokenizer.decode(cut.input_ids).endswith("<|vision_end|> and ")  # the text before the video's timestamp
+    assert cut.image_grid_thw.shape[0] == 1
+    assert torch.equal(cut.pixel_values, sample.pixel_values[: int(sample.image_grid_thw[0].prod())])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -415,7 +456,7 @@ def test_truncate_drops_a_whole_video(clean_samples, model_args, processor):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _expected_kept(mix, indices, shape, tokenizer) -> list[Sample]:
+def _expected_kept(mix, indices, shape) -> list[Sample]:
     kept = []
     for i in indices:
         item = mix[i]
@@ -424,9 +465,15 @@ def _expected_kept(mix, indices, shape, tokenizer) -> list[Sample]:
     return kept
 
 
+def _skips(step) -> list[tuple[str, str]]:
+    # (reason, location): the detail of an undecodable embedded image quotes PIL's message, which names the
+    # BytesIO object by its address (different in every process)
+    return [(reason, location) for reason, location, _ in step.skips]
+
+
 def _same_step(a, b) -> None:
-    assert (a.consumed, a.indices, a.lengths, a.skips, a.truncated) == (b.consumed, b.indices, b.lengths, b.skips,
-                                                                        b.truncated)
+    assert (a.consumed, a.indices, a.lengths, _skips(a), a.truncated) == (b.consumed, b.indices, b.lengths, _skips(b),
+                                                                          b.truncated)
     assert (a.grids is None) == (b.grids is None) and (a.grids is None or torch.equal(a.grids, b.grids))
     assert len(a.microbatches) == len(b.microbatches)
     for x, y in zip(a.microbatches, b.microbatches):
@@ -456,9 +503,9 @@ def test_packed_steps(mix, model_args, processor):
         assert whole.indices == sampler.global_batch(consumed)
         shares = [steps[consumed] for steps in ranks]
         assert shares[0].indices + shares[1].indices == whole.indices  # the ranks' shares make the global batch
-        assert sorted(shares[0].skips + shares[1].skips) == sorted(whole.skips)
+        assert sorted(_skips(shares[0]) + _skips(shares[1])) == sorted(_skips(whole))
         for step in (whole, *shares):
-            kept = _expected_kept(mix, step.indices, shape, tokenizer)
+            kept = _expected_kept(mix, step.indices, shape)
             assert len(step.skips) == len(step.indices) - len(kept)
             assert sorted(step.lengths) == sorted(len(s) for s in kept)
             segments, segment_lengths = Counter(), []
@@ -494,10 +541,12 @@ def test_unpacked_steps(mix, model_args, processor):
     shape = make_shape(model_args, processor, packing=False, micro_batch_size=2)
     sampler = GlobalBatchSampler(len(mix), GBS, seed=4)
     steps = StepBatches(mix, sampler, shape, dp_rank=1, dp_size=2, tokenizer=processor.tokenizer)
-    for consumed in (0, 2 * GBS):
+    parities = set()
+    for consumed in range(0, 6 * GBS, GBS):
         step = steps[consumed]
-        kept = _expected_kept(mix, step.indices, shape, processor.tokenizer)
+        kept = _expected_kept(mix, step.indices, shape)
         assert len(step.microbatches) == math.ceil(len(kept) / 2) and kept
+        parities.add(len(kept) % 2)
         rows = [(mb, r) for mb in step.microbatches for r in range(2)]
         for k, (mb, r) in enumerate(rows):
             assert mb.input_ids.shape == (2, SEQ) and mb.cu_seqlens is None
@@ -507,6 +556,7 @@ def test_unpacked_steps(mix, model_args, processor):
                 assert int(mb.attention_mask[r].sum()) == n
             else:  # the last micro-batch's padding row
                 assert int(mb.attention_mask[r].sum()) == 0 and bool((mb.labels[r] == IGNORE_INDEX).all())
+    assert parities == {0, 1}  # full micro-batches, and a last one with a padding row
     with pytest.raises(ValueError, match="micro_batch_size=3"):
         StepBatches(mix, sampler, make_shape(model_args, processor, packing=False, micro_batch_size=3), dp_rank=0,
                     dp_size=1)
@@ -521,11 +571,17 @@ def test_step_loader_workers_match_inline_from_a_resume_position(mix, model_args
     start, count = 3 * GBS, 4
     inline = step_loader(steps, start, num_workers=0)
     inline_steps = [next(inline) for _ in range(count)]
-    workers = step_loader(steps, start, num_workers=2, prefetch=1)
-    try:
-        worker_steps = [next(workers) for _ in range(count)]
-    finally:
-        del workers
+    # This process has just decoded videos (inline): forked workers must still decode theirs (PyAV's per-thread
+    # scaler is inherited without its threads). A hang fails the test instead of blocking it.
+    assert any(mb.pixel_values_videos is not None for s in inline_steps for mb in s.microbatches)
+    loader = [step_loader(steps, start, num_workers=2, prefetch=1)]
+    worker_steps = []
+    reader = threading.Thread(target=lambda: worker_steps.extend(next(loader[0]) for _ in range(count)), daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    assert not reader.is_alive(), "DataLoader workers hung"
+    loader.clear()  # shuts the workers down
+    assert len(worker_steps) == count
     assert [s.consumed for s in inline_steps] == [start + k * GBS for k in range(count)]
     for a, b in zip(inline_steps, worker_steps):
         _same_step(a, b)
@@ -566,7 +622,8 @@ def test_inspect_sample(dirty, mix):
     assert f"entry {index} at {path}:{index + 1}: {len(sample)} tokens, {sample.num_loss_tokens} trained" in text
     g = sample.image_grid_thw[0].tolist()
     assert f"image 0: grid t,h,w = {g} patches -> {g[0] * g[1] * g[2] // 4} tokens" in text
-    trained = re.findall(r"\[\[(.*?)\]\]", text, flags=re.S)
+    body = text.split("text ([[trained]]):\n", 1)[1].split("\n  MRoPE", 1)[0]
+    trained = re.findall(r"\[\[(.*?)\]\]", body, flags=re.S)
     assert trained and all(t.endswith("<|im_end|>") for t in trained)
     answers = [m["content"] for m in json.loads((out / "messages.jsonl").read_text().splitlines()[index])["messages"]
                if m["role"] == "assistant"]

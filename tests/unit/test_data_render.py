@@ -478,3 +478,60 @@ def test_options_conflicting_with_processor(processor):
         Renderer(processor, RenderOptions(image_min_pixels=10**6))  # above the processor's max of 96x96
     with pytest.raises(ValueError, match="data.video_max_frames"):
         Renderer(processor, RenderOptions(video_max_frames=2))  # below the processor's min_frames of 4
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end: one conversation written in every file format, read by the dataset, equals transformers' reference
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _write_formats(root: Path, media: dict[str, Any], with_video: bool) -> list[Path]:
+    """The two-turn conversation of `_e2e_messages` as messages / ShareGPT / OpenAI JSONL and (images only) parquet."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img, vid = str(media["img_a"]), str(media["mp4"])
+    q1 = "<image>What is this?" + ("<video>And this?" if with_video else "")
+    turns = [("user", q1), ("assistant", "A red box."), ("user", "Sure?"), ("assistant", "Yes, quite sure.")]
+    messages = {"messages": [{"role": "system", "content": SYSTEM}] + [{"role": r, "content": c} for r, c in turns],
+                "images": [img], **({"videos": [vid]} if with_video else {})}
+    sharegpt = {"system": SYSTEM, "conversations": [{"from": "human" if r == "user" else "gpt", "value": c}
+                                                    for r, c in turns], "image": img,
+                **({"video": vid} if with_video else {})}
+    first = [{"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": "What is this?"}]
+    if with_video:
+        first += [{"type": "video_url", "video_url": {"url": vid}}, {"type": "text", "text": "And this?"}]
+    openai = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first}] +
+              [{"role": r, "content": c} for r, c in turns[1:]]}
+    paths = []
+    for name, record in (("messages", messages), ("sharegpt", sharegpt), ("openai", openai)):
+        paths.append(root / f"{name}.jsonl")
+        paths[-1].write_text(json.dumps(record) + "\n")
+    if not with_video:
+        paths.append(root / "data.parquet")
+        pq.write_table(pa.table({"messages": [json.dumps(messages["messages"])],
+                                 "images": [[{"bytes": Path(img).read_bytes(), "path": "a.png"}]]}), paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("with_video", [False, True], ids=["image", "image_video"])
+def test_every_file_format_gives_the_transformers_rendering(processor, media, tmp_path, with_video):
+    from qwenvl_mcore.data.mixing import DatasetSpec, MixedDataset
+
+    paths = _write_formats(tmp_path, media, with_video)
+    first = [IMG, t("What is this?")] + ([VID, t("And this?")] if with_video else [])
+    messages = [{"role": "system", "content": [t(SYSTEM)]}, {"role": "user", "content": first},
+                {"role": "assistant", "content": [t("A red box.")]}, {"role": "user", "content": [t("Sure?")]},
+                {"role": "assistant", "content": [t("Yes, quite sure.")]}]
+    videos = [hf_video("file", media["mp4"])] if with_video else []
+    full, labels = hf_reference(processor, messages, [hf_load_image(str(media["img_a"]))], videos)
+    assert int((labels != IGNORE).sum()) > 8  # both answers are trained
+    dataset = MixedDataset([DatasetSpec(str(p)) for p in paths], Renderer(processor))
+    assert len(dataset) == len(paths) == (3 if with_video else 4)
+    for i, path in enumerate(paths):
+        sample = dataset[i]
+        assert not isinstance(sample, SkipSample), (path.name, sample)
+        assert sample.location == f"{path}:{'row 0' if path.suffix == '.parquet' else 1}"
+        assert_matches(sample, full, labels)

@@ -11,6 +11,7 @@ largest and fills the others with all-padding micro-batches (:func:`empty_microb
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -242,8 +243,19 @@ def _as_is(item):
 _INHERITED_SCALERS = []  # see _drop_inherited_scaler: kept alive on purpose, never freed
 
 
-def _drop_inherited_scaler(_worker_id: int) -> None:
-    """In a forked worker: forget the video scaler inherited from the main process. PyAV keeps one swscale context
+def _worker_init(_worker_id: int) -> None:
+    """In a forked worker: leave stop signals to the trainer, and drop PyAV's inherited video scaler.
+
+    Slurm may send SIGTERM to every process of a job; the trainer checkpoints on it and then shuts its workers down
+    itself, while a worker killed by it would make the DataLoader fail the step first. (A worker still exits when
+    the trainer process goes away: the DataLoader's watchdog checks its parent.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _drop_inherited_scaler()
+
+
+def _drop_inherited_scaler() -> None:
+    """Forget the video scaler inherited from the main process. PyAV keeps one swscale context
     per thread, with slice threads of its own; a fork copies the context but not its threads, so the worker's next
     frame conversion (to a new size) joins threads that do not exist and hangs forever. The stale context is kept
     unfreed (freeing it would join them too) and PyAV builds a fresh one in the worker."""
@@ -260,5 +272,5 @@ def step_loader(steps: StepBatches, start: int, *, num_workers: int = 0, prefetc
     loader = DataLoader(steps, batch_size=None, sampler=_Positions(start, steps.sampler.global_batch_size),
                         num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
                         collate_fn=_as_is, pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                        worker_init_fn=_drop_inherited_scaler if num_workers else None)
+                        worker_init_fn=_worker_init if num_workers else None)
     return iter(loader)

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One node of a training run: torchrun with this node's trainer ranks. srun starts it once per node
+# (launch/sft_moe.sh); launch/local.sh runs it alone. Every argument is passed to the trainer unchanged.
+#
+#   slurm/node.sh [Hydra overrides...]
+#
+# Exits with the trainers' status, which torchrun alone does not report (it exits 1 whatever they returned):
+# 0 done, 143 stopped by SIGTERM/SIGUSR1 after checkpointing (resumable), 3 bad steps, 2 bad input, 128+N a
+# trainer killed by signal N; any other value is a trainer's or torchrun's own failure.
+#
+# Environment: QW_NNODES (default 1); QW_NODE_RANK (else SLURM_NODEID, SLURM_PROCID, 0); GPUS_PER_NODE (ranks per
+# node, else SLURM_GPUS_ON_NODE, else 8); MASTER_ADDR and MASTER_PORT (unset: a single-node torchrun --standalone
+# on a free port); PYTHON (see slurm/env.sh).
+#
+# Signals: SIGTERM and SIGUSR1 ask the trainers for a checkpoint and a clean stop (exit 143), SIGINT and SIGHUP
+# abort. torchrun passes the signal it gets on to each rank's process group, and must get a stop exactly once: a
+# second signal while it waits for the checkpoint starts another round with SIGTERM, and a SIGTERM that does not
+# come from their trainer kills its DataLoader worker processes (torch's handler), so the trainer fails instead.
+# - As a Slurm task (SLURM_STEP_ID set): Slurm signals the task's process group (proctrack/pgid) or every process
+#   of the step (proctrack/cgroup); torchrun stays in this script's process group and gets the signal directly.
+# - Otherwise (launch/local.sh: `kill PID`, Ctrl-C): torchrun runs in a process group of its own and this script
+#   passes each signal on, a stop as SIGUSR1, which DataLoader workers take in stride.
+set -euo pipefail
+# shellcheck source=slurm/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+QW_LOG_NAME=node
+cd "$QW_ROOT"
+
+node_rank=${QW_NODE_RANK:-${SLURM_NODEID:-${SLURM_PROCID:-0}}}
+nnodes=${QW_NNODES:-1}
+nproc=$(qw_nproc_per_node)
+python=$(qw_python)
+qw_torch_defaults
+
+if [[ -n ${MASTER_ADDR:-} ]]; then
+    # Static rendezvous: node 0 hosts the store at MASTER_ADDR:MASTER_PORT, every node knows its rank up front.
+    rendezvous=(--nnodes="$nnodes" --node-rank="$node_rank" --master-addr="$MASTER_ADDR"
+        --master-port="${MASTER_PORT:?MASTER_ADDR is set but MASTER_PORT is not}")
+else
+    ((nnodes == 1)) || qw_die "QW_NNODES=$nnodes needs MASTER_ADDR and MASTER_PORT (launch/sft_moe.sh sets them)"
+    rendezvous=(--standalone --nnodes=1)
+fi
+
+# Each rank leaves its exit status here (slurm/rank.py); node-local, removed on exit.
+QW_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/qwenvl-node${node_rank}.XXXXXX")
+export QW_STATUS_DIR
+trap 'rm -rf "$QW_STATUS_DIR"' EXIT
+
+torchrun_pid=
+under_slurm=${SLURM_STEP_ID:+1}
+# shellcheck disable=SC2329  # run by the traps below
+on_signal() {
+    if [[ -n $under_slurm ]]; then
+        qw_log "node $node_rank: SIG$1 (torchrun got it too)"
+    elif [[ -n $torchrun_pid ]]; then
+        local sig=$1
+        [[ $sig != TERM ]] || sig=USR1
+        qw_log "node $node_rank: SIG$1, passed on to torchrun as SIG$sig"
+        kill -s "$sig" "$torchrun_pid" 2>/dev/null || true
+    fi
+}
+for sig in TERM USR1 INT HUP; do
+    # shellcheck disable=SC2064  # the signal name is meant to be expanded now
+    trap "on_signal $sig" "$sig"
+done
+
+qw_log "node $node_rank/$nnodes: $nproc ranks, rendezvous ${MASTER_ADDR:-standalone}${MASTER_PORT:+:$MASTER_PORT}, $python"
+# torchrun handles SIGUSR1 as well as its default signals and waits for the trainers' checkpoint up to
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT; rank.py records each trainer's status. After passing a signal on, torchrun ends
+# with a SignalException traceback and status 1: expected, the trainers' statuses are what counts.
+[[ -n $under_slurm ]] || set -m # torchrun in a process group of its own (see Signals above)
+"$python" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node="$nproc" --max-restarts=0 \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    "$QW_ROOT/slurm/rank.py" -m qwenvl_mcore.train "$@" &
+torchrun_pid=$!
+set +m
+torchrun_rc=0
+qw_wait "$torchrun_pid" || torchrun_rc=$?
+
+# The node's status, most telling first: a trainer's own failure (3, 2, 1...), a trainer killed by a signal
+# (128+N), a rank that left no status (killed, or torchrun failed first: torchrun's status), 143 when the trainers
+# stopped on a signal after checkpointing, 0 when all finished.
+statuses=() failed='' killed='' missing='' stopped=''
+for ((r = 0; r < nproc; r++)); do
+    s=$(cat "$QW_STATUS_DIR/rank_$r" 2>/dev/null || echo none)
+    statuses+=("$s")
+    case $s in
+        0) ;;
+        143) stopped=143 ;;
+        none) missing=$((torchrun_rc ? torchrun_rc : 1)) ;;
+        signal*) killed=${killed:-$((128 + ${s#signal }))} ;;
+        *) failed=${failed:-$s} ;;
+    esac
+done
+rc=${failed:-${killed:-${missing:-${stopped:-0}}}}
+qw_log "node $node_rank: trainer exit statuses [$(IFS=,; echo "${statuses[*]}")], torchrun $torchrun_rc -> $rc"
+exit "$rc"

@@ -4,7 +4,8 @@
 env:
 	@bash scripts/setup_env.sh
 
-# Main job on its embedded default: a tiny Qwen3-VL MoE made locally, checked against transformers at TP2 x EP2.
+# Main job on its embedded default: tiny Qwen3-VL MoE + sample data made locally, convert, train at TP2 x EP2 on
+# 4 CPU ranks (launch/local.sh), export to HF, generate in transformers, summary.
 demo: env
 	@.venv/bin/python -m qwenvl_mcore.demo
 

@@ -12,6 +12,7 @@ checkpointing (start the same command again to resume), 3 too many non-finite st
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 EXIT_CODES = {"completed": 0, "preempted": 143, "bad_steps": 3}
@@ -22,6 +23,11 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    # A stop signal (Slurm pre-emption) may come while the libraries load and the model is built: record it, so the
+    # run checkpoints after its first step and exits 143 (requeued), instead of dying unrequeued.
+    early: list[int] = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: early.append(signum))
     from qwenvl_mcore.checkpoint.model_io import CheckpointError
     from qwenvl_mcore.data.collate import DataError
     from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError
@@ -46,7 +52,7 @@ def main(argv: list[str]) -> int:
     from qwenvl_mcore.training.trainer import train
 
     try:
-        status = train(cfg)
+        status = train(cfg, early_signals=early)
     except (ConfigError, CheckpointError, ModelConfigError, LayoutError, DataError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -317,15 +317,16 @@ class StopSignal:
     """SIGTERM (Slurm pre-emption, time limit) or SIGUSR1 asks for a checkpoint and a clean stop; ranks agree on it
     after every step, since the signal may reach them at different moments."""
 
-    def __init__(self):
+    def __init__(self, early: list | None = None):
         self.received = False
+        self.early = early if early is not None else []  # signals recorded before the run was built (entry point)
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
         self.received = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        flag = torch.tensor([1.0 if self.received or self.early else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -334,10 +335,10 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None) -> str:
+def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_signals: list | None = None) -> str:
     """Run (or resume) the training run `cfg` on this rank; returns COMPLETED, PREEMPTED or BAD_STEPS.
     `train_dataset`/`valid_dataset` replace the configured data (tests, notebooks)."""
-    stop = StopSignal()
+    stop = StopSignal(early_signals)
     run = build_run(cfg)
     train_ds, valid_ds = build_datasets(run)
     train_ds, valid_ds = train_dataset or train_ds, valid_dataset or valid_ds

@@ -26,8 +26,8 @@
 # exits 143: submit the same command again to resume. A run that ends exits 0; any other status is the trainers'
 # (3 bad steps, 2 bad input) or the launch's failure, and is not requeued.
 # Not relied upon: Slurm's own SIGTERM to every process (grace-time pre-emption, the time limit itself). It can
-# reach srun (which then kills the tasks) and it ends the trainers' DataLoader workers (data.num_workers > 0); ask
-# for PreemptParameters=send_user_signal, with which pre-emption sends the --signal above instead.
+# reach srun (which then kills the tasks); ask for PreemptParameters=send_user_signal, with which pre-emption sends
+# the --signal above instead. (DataLoader workers ignore stop signals; the trainer shuts them down.)
 # The lead time must cover a step plus a checkpoint: `sbatch --signal=B:USR1@600 ...` for slow file systems.
 #
 # Environment (export before sbatch; every default applies only when unset):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from qwenvl_mcore.data.collate import DataError, collate
 from qwenvl_mcore.data.sample import Sample, SkipSample
 from qwenvl_mcore.data.sampler import GlobalBatchSampler, shard_for_rank, split_microbatches
-from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs
+from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs, shift_labels
 
 __all__ = ["OVERLONG_POLICIES", "BatchShape", "RankStep", "StepBatches", "empty_microbatch", "fit_length",
            "media_spans", "step_loader"]
@@ -141,14 +141,9 @@ def fit_length(sample: Sample, shape: BatchShape, tokenizer=None) -> Sample:
     if shape.overlong == "drop":
         raise SkipSample("too_long", what, sample.location)
     cut = _truncate(sample, shape.seq_length, shape, tokenizer)
-    if int((shift(cut.labels) != IGNORE_INDEX).sum()) == 0:
+    if int((shift_labels(cut.labels[None]) != IGNORE_INDEX).sum()) == 0:
         raise SkipSample("too_long", what + "; truncating it leaves nothing to train on", sample.location)
     return cut
-
-
-def shift(labels: torch.Tensor) -> torch.Tensor:
-    """1-D transformers-style labels -> the targets the loss sees (position t predicts labels[t+1])."""
-    return torch.cat([labels[1:], labels.new_full((1,), IGNORE_INDEX)])
 
 
 # -- one step of one rank ------------------------------------------------------------------------------------------

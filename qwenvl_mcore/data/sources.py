@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from array import array
 from bisect import bisect_right
 from typing import Any
@@ -27,7 +28,7 @@ JSON_COLUMNS = ("messages", "conversations")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class RecordSource:
+class RecordSource(ABC):
     """A dataset file seen as a sequence of records.
 
     Contract: ``len(source)`` records; ``record(i)`` returns record ``i`` as a ``dict`` or raises :class:`SkipSample`
@@ -39,14 +40,17 @@ class RecordSource:
     path: str
     base_dir: str
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """See the class contract."""
 
+    @abstractmethod
     def record(self, i: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """See the class contract."""
 
+    @abstractmethod
     def location(self, i: int) -> str:
-        raise NotImplementedError
+        """See the class contract."""
 
     def _check_index(self, i: int) -> int:
         n = len(self)

@@ -21,7 +21,8 @@ from qwenvl_mcore.testing import tiny
 from qwenvl_mcore.training import config, trainer
 
 COMMON = [
-    "data.packing=false", "data.num_workers=0", "logging.progress_bar=false", "logging.tensorboard=false", "data.global_batch_size=4", "data.seq_length=192",
+    "data.packing=false", "data.num_workers=0", "logging.progress_bar=false", "logging.tensorboard=false",
+    "data.global_batch_size=4", "data.seq_length=192",
     "checkpoint.every=0", "trainer.eval_every=0", "data.valid_samples=0", "optim.lr=3e-3", "optim.warmup_steps=0",
     "optim.weight_decay=0.0",
 ]

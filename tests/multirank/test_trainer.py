@@ -38,7 +38,8 @@ WORK = Path(tempfile.mkdtemp(prefix="qwenvl-trainer-test-"))
 AUX = 0.1
 STEPS = 30
 COMMON = [
-    "data.packing=false", "data.num_workers=0", "data.num_samples=20", "data.valid_samples=0", "data.global_batch_size=8", "data.seq_length=192",
+    "data.packing=false", "data.num_workers=0", "data.num_samples=20", "data.valid_samples=0",
+    "data.global_batch_size=8", "data.seq_length=192",
     "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=3", f"optim.decay_steps={STEPS}",
     "optim.weight_decay=0.0", f"model.aux_loss_coeff={AUX}", "logging.progress_bar=false", "logging.sample_ids=true",
     "logging.tensorboard=false", "checkpoint.every=10", "checkpoint.keep=5",

@@ -28,10 +28,10 @@ from qwenvl_mcore.data.pipeline import BatchShape, StepBatches, fit_length, medi
 from qwenvl_mcore.data.sample import SkipSample  # noqa: E402
 from qwenvl_mcore.data.sampler import GlobalBatchSampler  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config  # noqa: E402
+from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX as IGNORE  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.rope import get_rope_index  # noqa: E402
 from qwenvl_mcore.training.config import ConfigError, compose  # noqa: E402
 
-IGNORE = -100
 
 
 def _tokens_text(ids: list[int], labels: list[int], tokenizer, color: bool) -> str:

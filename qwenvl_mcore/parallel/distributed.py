@@ -23,7 +23,7 @@ def device() -> torch.device:
 
 
 def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 600) -> None:
-    """Start the process group (nccl on GPU, gloo on CPU) and megatron's parallel state for `layout`.
+    """Start the process group (nccl + gloo on GPU, gloo on CPU) and megatron's parallel state for `layout`.
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our test launcher) when the process group is not
     started yet. The layout is validated against the world size first.
@@ -38,8 +38,10 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int
         cpu_compat.apply()
     cpu_compat.apply_torch_adam_fix()
     if not dist.is_initialized():
+        # On the GPU, NCCL for CUDA tensors and gloo for the small host-side reductions (token counts, routing
+        # statistics, data-skip reports), which NCCL cannot take; megatron's groups inherit both.
         dist.init_process_group(
-            backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            backend="cpu:gloo,cuda:nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
         )
     layout.validate(world_size=dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():

@@ -32,6 +32,11 @@ def language_flops(args: Qwen3VLMoeArgs, sample_lengths: Sequence[int]) -> float
     return float(tokens * (t.num_hidden_layers * per_layer + 6 * h * t.vocab_size) + attention)
 
 
+def lm_head_flops(args: Qwen3VLMoeArgs, tokens: int) -> float:
+    """The LM head's share of `language_flops`: 6 h V per token (the rest is the decoder layers)."""
+    return float(tokens * 6 * args.text.hidden_size * args.text.vocab_size)
+
+
 def vision_flops(args: Qwen3VLMoeArgs, grids: torch.Tensor | None, *, vit_trains: bool, merger_trains: bool) -> float:
     """Model FLOPs of the ViT and its mergers for images/videos of these grid_thw rows ([n, 3]); frozen parts
     run forward only (x1 instead of x3). Attention is per frame (h*w patches) as Qwen3-VL's ViT does."""

@@ -61,10 +61,10 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], microbatches: Sequ
 
 def per_token_loss(batch: MultimodalInputs, output: torch.Tensor):
     """loss_func for per-token losses [b, s] (0 where ignored): (sum, number of loss tokens, report)."""
-    n = (batch.labels != -100).sum()
+    n = (batch.labels != -100).sum().to(device=output.device, dtype=torch.int)
     total = output.sum()
     # clone: megatron's schedule divides the returned loss in place
-    return total, n.to(torch.int), {"loss_sum": total.detach().clone(), "tokens": n}
+    return total, n, {"loss_sum": total.detach().clone(), "tokens": n}
 
 
 def loss_for_per_token(batch: MultimodalInputs):

@@ -14,9 +14,7 @@ from qwenvl_mcore.data.sample import Sample
 from qwenvl_mcore.models.qwen3_vl_moe.model import (
     MultimodalInputs,
     _check_packed,
-    flash_varlen_cu_seqlens,
-    packed_attention_mask,
-    packed_segment_ids,
+    packed_attention_segments,
     shift_labels,
 )
 from qwenvl_mcore.models.qwen3_vl_moe.rope import packed_position_ids, position_ids_for_sample
@@ -168,11 +166,14 @@ def test_packed_position_ids_reject_a_boundary_inside_an_image():
 # ------------------------------------------------------------------------------------------------ model helpers
 
 
-def test_packed_attention_mask_is_block_diagonal_causal():
+def test_packed_attention_segments_are_block_diagonal_causal():
     """Samples [0, 2) and [2, 5), padding 5 and 6: causal inside each sample, nothing across, padding sees itself."""
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    assert packed_segment_ids(cu, 7).tolist() == [0, 0, 1, 1, 1, 2, 3]
-    allowed = (~packed_attention_mask(cu, 7))[0, 0].int().tolist()
+    segments = packed_attention_segments(cu, 7)
+    assert segments.causal and segments.lengths == (2, 3, 1, 1) and segments.max_seqlen == 3
+    assert segments.cu_seqlens.dtype == torch.int32 and segments.cu_seqlens.tolist() == [0, 2, 5, 6, 7]
+    assert segments.segment_ids().tolist() == [0, 0, 1, 1, 1, 2, 3]
+    allowed = (~segments.dense_mask())[0, 0].int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
@@ -182,17 +183,11 @@ def test_packed_attention_mask_is_block_diagonal_causal():
         [0, 0, 0, 0, 0, 1, 0],
         [0, 0, 0, 0, 0, 0, 1],
     ]
-    # one sample filling the row is plain causal attention (no mask); an empty row is padding only
-    assert packed_attention_mask(torch.tensor([0, 7]), 7) is None
-    assert torch.equal(~packed_attention_mask(torch.tensor([0]), 3)[0, 0], torch.eye(3, dtype=torch.bool))
-
-
-def test_flash_varlen_cu_seqlens_cover_every_token():
-    """The GPU hook's boundaries end at the row length (padding as a last segment) and name the longest segment."""
-    cu, longest = flash_varlen_cu_seqlens(torch.tensor([0, 2, 5], dtype=torch.int32), 8)
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 5, 8] and longest == 3
-    cu, longest = flash_varlen_cu_seqlens(torch.tensor([0, 6, 8], dtype=torch.int32), 8)
-    assert cu.tolist() == [0, 6, 8] and longest == 6
+    # one sample filling the row is plain causal attention (no segments); an empty row is padding only
+    assert packed_attention_segments(torch.tensor([0, 7]), 7) is None
+    assert packed_attention_segments(torch.tensor([0]), 3).lengths == (1, 1, 1)
+    # an empty sample in cu_seqlens (two equal boundaries) is no segment
+    assert packed_attention_segments(torch.tensor([0, 2, 2, 4]), 4).lengths == (2, 2)
 
 
 def test_packed_batches_are_validated():

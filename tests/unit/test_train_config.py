@@ -81,6 +81,7 @@ def test_flops_match_the_published_per_token_figures():
     for args, length, expected in ((a30, 4096, 23.01), (a30, 2048, 20.59), (a30, 8192, 27.84), (a235, 4096, 148.0)):
         per_token = metrics.language_flops(args, [length]) / length / 1e9
         assert per_token == pytest.approx(expected, abs=0.05), (length, per_token)  # the note rounds to 4 digits
+    assert metrics.lm_head_flops(a30, 4096) == 4096 * 6 * 2048 * 151936  # the head's part of language_flops
     # The ViT: about 12 GFLOP per merged visual token for a 1,024-patch image (32 x 32 patches)
     vit = metrics.vision_flops(a30, torch.tensor([[1, 32, 32]]), vit_trains=True, merger_trains=True)
     assert vit / 256 / 1e9 == pytest.approx(12, rel=0.1)

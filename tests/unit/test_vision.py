@@ -10,8 +10,8 @@ import transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe  # noqa: F401  (ha
 
 from qwenvl_mcore.models.qwen3_vl_moe.vision import (  # noqa: E402
     interpolated_position_embeddings,
-    vision_attention_mask,
     vision_cu_seqlens,
+    vision_segments,
 )
 from qwenvl_mcore.testing.dist import run_on_ranks  # noqa: E402
 
@@ -169,12 +169,14 @@ def test_vision_tp2_matches_transformers(tp2):
     assert torch.equal(tp2[0]["merged_out"], tp2[1]["merged_out"])
 
 
-def test_attention_mask_is_block_diagonal_per_frame():
-    """`vision_attention_mask` masks (True) every pair of patches not in the same frame of the same image/video;
-    `vision_cu_seqlens` gives one h*w segment per frame."""
+def test_attention_segments_are_block_diagonal_per_frame():
+    """`vision_segments` are one bidirectional h*w segment per frame of each image/video (`vision_cu_seqlens`
+    names the same boundaries); their mask separates every pair of patches not in the same frame."""
     grid = torch.tensor([[1, 2, 2], [2, 2, 4]])
     assert vision_cu_seqlens(grid).tolist() == [0, 4, 12, 20]
-    mask = vision_attention_mask(grid)
+    segments = vision_segments(grid)
+    assert not segments.causal and segments.cu_seqlens.tolist() == [0, 4, 12, 20]
+    mask = segments.dense_mask()
     assert mask.shape == (1, 1, 20, 20) and mask.dtype == torch.bool
     seg = torch.tensor([0] * 4 + [1] * 8 + [2] * 8)
     assert torch.equal(mask[0, 0], seg[:, None] != seg[None, :])

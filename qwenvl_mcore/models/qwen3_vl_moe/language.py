@@ -18,7 +18,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.utils import make_viewless_tensor
 
-from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Norm, Qwen3VLRouter, SDPAttention
+from qwenvl_mcore.models.qwen3_vl_moe.attention import SDPAttention
+from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Norm, Qwen3VLRouter
 
 
 def language_layer_spec() -> ModuleSpec:

@@ -1,5 +1,6 @@
-"""Building blocks of the local (non-Transformer-Engine) layer spec: norms, SDPA core attention, the router and
-the grouped experts. They run on the CPU and on the GPU; the math follows transformers' Qwen3-VL MoE exactly.
+"""Building blocks of the local (non-Transformer-Engine) layer spec: norms, the router and the grouped experts
+(core attention is in attention.py). They run on the CPU and on the GPU; the math follows transformers' Qwen3-VL
+MoE exactly.
 """
 
 from __future__ import annotations
@@ -41,42 +42,6 @@ class Norm(torch.nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-class SDPAttention(MegatronModule):
-    """Core attention on torch's scaled_dot_product_attention (flash/efficient kernels on the GPU, math on the CPU).
-
-    Inputs follow megatron's core-attention contract: q [sq, b, np, hn], k/v [sk, b, ng, hn] (GQA groups are
-    expanded by SDPA), returns [sq, b, np*hn]. `attention_mask` is None (causal for causal layers, full
-    otherwise) or a bool tensor broadcastable to [b, np, sq, sk] where True means *masked out* (megatron's
-    convention). Needs no CUDA RNG and no CUDA mask helper, so it also runs without a GPU.
-    """
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused):
-        super().__init__(config=config)
-        from megatron.core.transformer.enums import AttnMaskType
-
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism.")
-        self.causal = attn_mask_type == AttnMaskType.causal
-        self.softmax_scale = softmax_scale
-        tp = config.tensor_model_parallel_size
-        self.hidden_size_per_partition = config.kv_channels * config.num_attention_heads // tp
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None, **_unused):
-        if packed_seq_params is not None:
-            raise ValueError("SDPAttention: packed (THD) sequences are passed as a block mask, not packed_seq_params.")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
-                                                 enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale,
-                                                 enable_gqa=True)
-        sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
 class Qwen3VLRouter(TopKRouter):
@@ -127,9 +92,34 @@ class Qwen3VLRouter(TopKRouter):
         return probs, routing_map
 
 
+# torch's grouped GEMM: public as F.grouped_mm from torch 2.9 on, torch._grouped_mm before.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Whether the experts run as one grouped GEMM by default: on CUDA in bf16, where torch's `grouped_mm` is its
+    fast kernel. On the CPU a loop over experts is as fast, and CI checks the two against each other."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and _GROUPED_MM is not None
+
+
+def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts, *, grouped: bool) -> torch.Tensor:
+    """x [T, k] with rows sorted by expert (counts[e] rows for expert e), w [E, k, n] -> [T, n].
+
+    grouped=True: one `torch.nn.functional.grouped_mm` call (offsets = cumulative counts, int32 on x's device);
+    grouped=False: one matmul per expert. Both give the same values and gradients (tests/unit/test_experts.py).
+    """
+    if grouped:
+        counts = torch.as_tensor(counts)
+        offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
+        return _GROUPED_MM(x, w, offs=offs)
+    sizes = counts.tolist() if torch.is_tensor(counts) else [int(c) for c in counts]
+    outs = [chunk @ w[e] for e, chunk in enumerate(torch.split(x, sizes))]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+
+
 class GroupedExperts(MegatronModule):
-    """All local experts' SwiGLU MLPs as stacked weights: one grouped GEMM per projection on the GPU
-    (`torch.nn.functional.grouped_mm`), a loop over experts on the CPU (grouped_mm has no CPU backward).
+    """All local experts' SwiGLU MLPs as stacked weights: one grouped GEMM per projection where that is fast (CUDA,
+    bf16: `torch.nn.functional.grouped_mm`), a loop over experts elsewhere (see `expert_matmul`).
 
     Weights (local shapes; E_l = experts on this EP rank, F_l = moe_intermediate / etp):
       weight1 [E_l, hidden, 2, F_l]: gate (index 0) and up (index 1) projections, x @ weight1[e].view(h, 2*F_l)
@@ -167,25 +157,16 @@ class GroupedExperts(MegatronModule):
             setattr(p, "partition_dim", dim)
             setattr(p, "partition_stride", 1)
         self.activation = config.activation_func
-
-    def _matmul(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [T, k] sorted by expert, w [E_l, k, n], counts [E_l] -> [T, n]."""
-        if x.is_cuda and hasattr(F, "grouped_mm") and x.dtype == torch.bfloat16:
-            offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
-            return F.grouped_mm(x, w, offs=offs)
-        outs = []
-        for e, chunk in enumerate(torch.split(x, counts.tolist())):
-            outs.append(chunk @ w[e])
-        return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+        self.grouped_gemm: bool | None = None  # None: grouped GEMM where fast (see use_grouped_mm), else the loop
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         counts = tokens_per_expert if torch.is_tensor(tokens_per_expert) else torch.tensor(tokens_per_expert)
-        counts = counts.to("cpu", torch.int64) if not hidden.is_cuda else counts
+        grouped = use_grouped_mm(hidden) if self.grouped_gemm is None else self.grouped_gemm
         e_l, h = self.num_local_experts, self.config.hidden_size
-        gate_up = self._matmul(hidden, self.weight1.view(e_l, h, 2 * self.ffn_local), counts)
+        gate_up = expert_matmul(hidden, self.weight1.view(e_l, h, 2 * self.ffn_local), counts, grouped=grouped)
         gate, up = gate_up.view(-1, 2, self.ffn_local).unbind(1)
         inter = self.activation(gate) * up
-        out = self._matmul(inter, self.weight2, counts)
+        out = expert_matmul(inter, self.weight2, counts, grouped=grouped)
         # transformers scales each expert's output by its routing weight after the down projection.
         out = out * probs.unsqueeze(-1).to(out.dtype)
         return out, None

@@ -12,6 +12,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionSegments
 from qwenvl_mcore.models.qwen3_vl_moe.config import (
     Qwen3VLMoeArgs,
     language_transformer_config,
@@ -109,6 +110,11 @@ class Qwen3VLMoeModel(MegatronModule):
                 skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
             )
 
+    @property
+    def device(self) -> torch.device:
+        """Where this stage's parameters live; forward moves host batches here."""
+        return next(self.parameters()).device
+
     # -- megatron pipeline hooks -------------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -191,12 +197,11 @@ class Qwen3VLMoeModel(MegatronModule):
             batch = _check_packed(batch)
         batch = _pad_to_multiple(batch, tp if sp else 1)
         s = batch.input_ids.shape[1]
-        position_ids = self.position_ids(batch)
+        position_ids = self.position_ids(batch)  # on the host for host batches: per-sample loops over the grids
+        batch, position_ids = _to_device(batch, self.device), position_ids.to(self.device, non_blocking=True)
         rotary = self.rotary(position_ids)
         if batch.cu_seqlens is not None:
-            # The CPU path: a dense block-diagonal mask for SDPA. A GPU path would hand flash attention's varlen
-            # kernel flash_varlen_cu_seqlens(batch.cu_seqlens, s) instead (THD layout); not implemented here.
-            attention_mask = packed_attention_mask(batch.cu_seqlens, s, device=batch.input_ids.device)
+            attention_mask = packed_attention_segments(batch.cu_seqlens, s, device=self.device)
         else:
             attention_mask = self._attention_mask(batch.attention_mask, s)
         padding_mask = None if batch.attention_mask is None else ~batch.attention_mask.bool()
@@ -266,38 +271,12 @@ def build_model_chunks(args: Qwen3VLMoeArgs, layout: ParallelLayout, **kwargs) -
     return [Qwen3VLMoeModel(args, layout, vp_stage=i, **kwargs) for i in range(layout.vpp)]
 
 
-def packed_segment_ids(cu_seqlens: torch.Tensor, s: int) -> torch.Tensor:
-    """Segment of each of the s tokens of a packed row [s] (long): sample i's tokens get i; every padding token
-    (from cu_seqlens[-1] on) gets a segment of its own (n, n + 1, ...), so it is alone in its segment."""
-    cu = cu_seqlens.to(torch.long).cpu()
-    n_real = int(cu[-1])
-    lengths = cu[1:] - cu[:-1]
-    real = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    pad = torch.arange(lengths.numel(), lengths.numel() + s - n_real)
-    return torch.cat([real, pad])
-
-
-def packed_attention_mask(cu_seqlens: torch.Tensor, s: int, device=None) -> torch.Tensor | None:
-    """Block-diagonal causal mask [1, 1, s, s] (True = masked) of a packed row: a token attends to the earlier
-    tokens of its own sample, and a padding token only to itself (so its softmax stays finite). None (plain causal
-    attention) when the row is a single sample without padding."""
+def packed_attention_segments(cu_seqlens: torch.Tensor, s: int, device=None) -> AttentionSegments | None:
+    """Attention of a packed row of s tokens: causal within each sample, padding tokens alone (see
+    `AttentionSegments.packed_row`); None (plain causal attention) for a single sample without padding."""
     if cu_seqlens.numel() == 2 and int(cu_seqlens[-1]) == s:
         return None
-    seg = packed_segment_ids(cu_seqlens, s).to(device)
-    allowed = (seg[:, None] == seg[None, :]) & torch.ones(s, s, dtype=torch.bool, device=device).tril()
-    return ~allowed[None, None]
-
-
-def flash_varlen_cu_seqlens(cu_seqlens: torch.Tensor, s: int) -> tuple[torch.Tensor, int]:
-    """Hook for a GPU varlen attention path (flash_attn_varlen_func / megatron's THD PackedSeqParams): int32
-    boundaries covering all s tokens of a packed row (the padding as one extra trailing segment, since varlen kernels
-    need cu_seqlens[-1] == tokens), and the longest segment. Attention within that padding segment is harmless:
-    nothing real attends to it and its outputs carry no loss. Not used on the CPU."""
-    cu = cu_seqlens.to(torch.int32)
-    if int(cu[-1]) < s:
-        cu = torch.cat([cu, cu.new_tensor([s])])
-    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    return cu, max_seqlen
+    return AttentionSegments.packed_row(cu_seqlens, s, device=device)
 
 
 def _check_packed(batch: MultimodalInputs) -> MultimodalInputs:
@@ -314,6 +293,16 @@ def _check_packed(batch: MultimodalInputs) -> MultimodalInputs:
     if not torch.equal(batch.attention_mask.bool(), real):
         raise ValueError("a packed micro-batch's attention_mask must be 1 exactly on the tokens before cu_seqlens[-1].")
     return batch
+
+
+def _to_device(batch: MultimodalInputs, device: torch.device) -> MultimodalInputs:
+    """The batch's tensors on `device`, except the host metadata read by Python loops (cu_seqlens, grids)."""
+    moved = {}
+    for name in ("input_ids", "attention_mask", "position_ids", "pixel_values", "pixel_values_videos", "labels"):
+        t = getattr(batch, name)
+        if t is not None and t.device != device:
+            moved[name] = t.to(device, non_blocking=True)
+    return replace(batch, **moved) if moved else batch
 
 
 def _pad_to_multiple(batch: MultimodalInputs, multiple: int) -> MultimodalInputs:

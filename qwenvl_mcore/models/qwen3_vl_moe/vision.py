@@ -30,7 +30,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from qwenvl_mcore.models.qwen3_vl_moe.config import Qwen3VLMoeArgs
-from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm, SDPAttention
+from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionSegments, SDPAttention
+from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
 from qwenvl_mcore.models.qwen3_vl_moe.rope import vision_patch_positions, vision_rotary_angles
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "PatchMerger",
     "vision_layer_spec",
     "vision_cu_seqlens",
-    "vision_attention_mask",
+    "vision_segments",
     "interpolated_position_embeddings",
 ]
 
@@ -52,7 +53,7 @@ def vision_layer_spec() -> ModuleSpec:
 
     Parameter names: input_layernorm.{weight,bias}, self_attention.linear_qkv.{weight,bias} (megatron's per-head
     [q_h; k_h; v_h] row layout), self_attention.linear_proj.*, pre_mlp_layernorm.*, mlp.linear_fc1.*,
-    mlp.linear_fc2.*. Attention is bidirectional; segments are separated by the block mask passed to forward.
+    mlp.linear_fc2.*. Attention is bidirectional within the `AttentionSegments` passed to forward.
     """
     return ModuleSpec(
         module=TransformerLayer,
@@ -96,12 +97,12 @@ def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def vision_attention_mask(grid_thw: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Block-diagonal bool mask [1, 1, N, N] (N = sum t*h*w), True = masked (megatron's convention): a patch attends
-    exactly to the patches of its own segment (see `vision_cu_seqlens`), as transformers' ViT does."""
-    cu = vision_cu_seqlens(grid_thw).to(device if device is not None else grid_thw.device, torch.int64)
-    segment = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())
-    return (segment[:, None] != segment[None, :])[None, None]
+def vision_segments(grid_thw: torch.Tensor, device: torch.device | str | None = None) -> AttentionSegments:
+    """The ViT's attention segments (bidirectional): a patch attends exactly to the patches of its own frame of its
+    own image/video (see `vision_cu_seqlens`), as transformers' ViT does."""
+    lengths = [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
+    return AttentionSegments.from_lengths(lengths, causal=False,
+                                          device=device if device is not None else grid_thw.device)
 
 
 def interpolated_position_embeddings(
@@ -278,13 +279,13 @@ class VisionModel(MegatronModule):
             grid_thw, head_dim=self.vision_args.head_dim, spatial_merge_size=self.spatial_merge_size,
             theta=self.rope_theta,
         ).to(hidden.device)
-        mask = vision_attention_mask(grid_thw, hidden.device)
+        segments = vision_segments(grid_thw, hidden.device)
 
         # The block returns the outputs of the requested layers in layer order; transformers pairs each with the
         # merger at that layer's position in deepstack_visual_indexes.
         taps = sorted(set(self.deepstack_visual_indexes))
         out = self.decoder(
-            hidden_states=hidden.unsqueeze(1), attention_mask=mask, rotary_pos_emb=rotary,
+            hidden_states=hidden.unsqueeze(1), attention_mask=segments, rotary_pos_emb=rotary,
             extract_layer_indices=set(taps),
         )
         hidden, intermediates = out if taps else (out, [])

@@ -6,11 +6,13 @@
 
 The run resumes by itself from <checkpoint.dir>/latest. Exit status: 0 done, 143 stopped by SIGTERM/SIGUSR1 after
 checkpointing (start the same command again to resume), 3 too many non-finite steps, 2 bad configuration or input.
-`--print-config` prints the resolved configuration and exits.
+`--print-config` prints the resolved configuration and exits. SIGUSR2 prints every thread's Python stack to stderr
+(a run that seems stuck: `pkill -USR2 -f qwenvl_mcore.train`) and lets the run go on.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -26,6 +28,7 @@ def main(argv: list[str]) -> int:
     # A stop signal (Slurm pre-emption) may come while the libraries load and the model is built: record it, so the
     # run checkpoints after its first step and exits 143 (requeued), instead of dying unrequeued.
     early: list[int] = []
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda signum, frame: early.append(signum))
     from qwenvl_mcore.checkpoint.model_io import CheckpointError

@@ -159,7 +159,27 @@ def bench_parts(model, args, batch: MultimodalInputs, device, *, warmup: int, it
             for name, fn in (("decoder", decoder), ("lm_head", head), ("vision", vision))}
 
 
-def bench_ours(hf_model, cfg, rows, device, dtype, *, steps: int, warmup: int, parts: bool) -> dict:
+def profiled(fn, path: str, device) -> dict:
+    """Run fn once under torch.profiler; write the op table (by self device time) to `path`; return the wall time
+    and the summed kernel time of that run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    busy_us = sum(getattr(e, sort, 0) for e in events) if device.type == "cuda" else 0
+    with open(path, "w") as f:
+        f.write(events.table(sort_by=sort if device.type == "cuda" else "self_cpu_time_total", row_limit=60))
+    wall_us = max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events())
+    return {"profile": path, "wall_ms": wall_us / 1e3, "kernel_ms": busy_us / 1e3}
+
+
+def bench_ours(hf_model, cfg, rows, device, dtype, *, steps: int, warmup: int, parts: bool,
+               profile_dir: str | None = None) -> dict:
     from qwenvl_mcore.testing.parity import build_pair
 
     args = args_from_hf_config(cfg)
@@ -176,12 +196,15 @@ def bench_ours(hf_model, cfg, rows, device, dtype, *, steps: int, warmup: int, p
     result["step_s"] = time_call(lambda: train_step(chunks, optimizer, micro), device, warmup=warmup - 1,
                                  iters=steps)["median_s"]
     result["peak_gib"] = peak_gib(device)
+    if profile_dir:
+        result["profiled"] = profiled(lambda: train_step(chunks, optimizer, micro),
+                                      os.path.join(profile_dir, "ours_step.txt"), device)
     if parts:
         result["parts_s"] = bench_parts(unwrap(chunks[0]), args, micro[0], device, warmup=1, iters=max(steps, 3))
     return result  # the model and optimizer are freed with this frame (main collects)
 
 
-def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int) -> dict:
+def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
     hf_model.to(device)
     hf_model.train()
     batches = [{k: v.to(device) for k, v in hf.items()} for _, hf in rows]
@@ -202,6 +225,8 @@ def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int) -> di
 
     step_s = time_call(step, device, warmup=warmup, iters=steps)["median_s"]
     result = {"first_loss": lm, "step_s": step_s, "peak_gib": peak_gib(device)}
+    if profile_dir:
+        result["profiled"] = profiled(step, os.path.join(profile_dir, "transformers_step.txt"), device)
     hf_model.zero_grad(set_to_none=True)
     return result
 
@@ -231,8 +256,11 @@ def main(argv=None) -> int:
                    help="exit 1 when the first-step losses differ more than this (relative; default 1e-4 in fp32, "
                         "2e-2 in bf16)")
     p.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
+    p.add_argument("--profile", metavar="DIR", help="also profile one step of each (torch.profiler op tables in DIR)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
     device = torch.device(a.device)
     if (device.type == "cuda") != torch.cuda.is_available():
         raise SystemExit("--device must be cuda exactly when a GPU is present (megatron's state follows the machine)")
@@ -249,10 +277,11 @@ def main(argv=None) -> int:
     experts_impl = a.hf_experts or ("grouped_mm" if device.type == "cuda" else "default")
     hf_model = build_hf_model(cfg, device, dtype, experts_impl)
     ours = bench_ours(hf_model, cfg, rows, device, dtype, steps=a.steps, warmup=max(a.warmup, 1),
-                      parts=not a.no_parts)
+                      parts=not a.no_parts, profile_dir=a.profile)
     gc.collect()
     reset_peak(device)
-    theirs = None if a.no_hf else bench_transformers(hf_model, rows, device, steps=a.steps, warmup=a.warmup)
+    theirs = None if a.no_hf else bench_transformers(hf_model, rows, device, steps=a.steps, warmup=a.warmup,
+                                                     profile_dir=a.profile)
     synchronize(device)
     destroy_distributed()
 
@@ -292,6 +321,10 @@ def main(argv=None) -> int:
         print("| part (ours, fwd+bwd, one micro-batch) | ms | model TFLOP/s | |||")
         for k, t in ours["parts_s"].items():
             print(f"| {k} | {t * 1e3:.1f} | {report['ours']['parts_tflops'][k]:.1f} | |||")
+    for name, r in (("qwenvl-mcore", ours), ("transformers", theirs)):
+        if r and "profiled" in r:
+            print(f"profiled {name} step: wall {r['profiled']['wall_ms']:.1f} ms, kernels {r['profiled']['kernel_ms']:.1f} "
+                  f"ms ({r['profiled']['profile']})")
     if theirs:
         limit = a.max_loss_diff if a.max_loss_diff is not None else (1e-4 if dtype == torch.float32 else 2e-2)
         agree = report["first_loss_rel_diff"] <= limit

@@ -53,8 +53,9 @@ class Qwen3VLRouter(TopKRouter):
     gradient is attached to the probabilities (see routing.py). The gate stays on the input's device (megatron's
     `gating` moves it to CUDA).
 
-    Padding tokens (`padding_mask` True) are routed nowhere: no expert in the routing map, probability 0, so no
-    dispatcher sends them and no expert computes them (their MoE output is 0). megatron-core 0.19 uses
+    Padding tokens (`padding_mask` True) get probability 0, so their MoE output is 0; with the allgather dispatcher
+    (CPU) they are also routed nowhere, so no expert computes them (the alltoall dispatcher needs k experts per
+    token, see `routing`). megatron-core 0.19 uses
     `padding_mask` only for its own aux/z losses and expert-bias counts; its top-k routing map and dispatchers
     still send padding to experts.
     """
@@ -73,7 +74,10 @@ class Qwen3VLRouter(TopKRouter):
             # all-False mask changes nothing). Done after megatron's routing so its top-k path stays as it is.
             pad = padding_mask.reshape(-1, 1).bool()
             probs = probs.masked_fill(pad, 0.0)
-            routing_map = routing_map & ~pad
+            if self.config.moe_token_dispatcher_type != "alltoall":
+                # megatron's dropless alltoall dispatcher sizes its buffers as tokens x top-k, so there padding
+                # keeps its k experts and contributes 0 through its zero probabilities (computed, never used).
+                routing_map = routing_map & ~pad
         record = self.routing_record
         if record is None:
             return probs, routing_map

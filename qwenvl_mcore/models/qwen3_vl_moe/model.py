@@ -250,7 +250,14 @@ class Qwen3VLMoeModel(MegatronModule):
         labels = batch.labels[:, :s_orig]
         target = labels.transpose(0, 1).contiguous()
         ignore = target == IGNORE_INDEX
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target.masked_fill(ignore, 0))
+        target = target.masked_fill(ignore, 0)
+        if tp == 1:
+            # torch's fused log-softmax: two passes over the fp32 logits where megatron's vocab-parallel version
+            # (needed only when the vocabulary is split) makes about six
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                                     reduction="none").view_as(target)
+        else:
+            loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
         return loss.masked_fill(ignore, 0.0).transpose(0, 1).contiguous()
 
 

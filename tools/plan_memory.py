@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-imbalance", type=float, default=1.0,
                    help="tokens routed to the busiest expert-parallel rank / the mean (default 1.0)")
     p.add_argument("--adam", choices=("fused", "torch"), default="fused",
-                   help="fused: Apex/Transformer-Engine Adam (no step temporary); torch: torch's foreach Adam, whose "
+                   help="fused: torch's fused Adam (what the trainer uses on the GPU) or Apex/Transformer-Engine's "
+                        "(no step temporary); torch: torch's foreach Adam (megatron's default without that switch), "
+                        "whose "
                         "fp32 temporary of the largest parameter group's shard counts at the optimizer step")
     p.add_argument("--json", action="store_true", help="print JSON (every stage, bytes) instead of tables")
     return p

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "dtype": str(dtype), "results": rows}, f, indent=1)
     print(f"# experts benchmark: {env}, {dtype}")
-    print("| shape | impl | rows/expert (min-max) | gate/up GEMM fwd TFLOP/s | layer fwd TFLOP/s | layer fwd+bwd TFLOP/s "
+    print("| shape | impl | rows/expert (min-max) | gate/up GEMM fwd TFLOP/s | layer fwd TFLOP/s "
+          "| layer fwd+bwd TFLOP/s "
           "| fwd+bwd ms | rel diff vs loop |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

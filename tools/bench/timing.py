@@ -57,5 +57,6 @@ def environment(device: torch.device) -> dict:
     except Exception:  # noqa: BLE001
         te = "absent"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
             "megatron_core": mcore_version, "transformer_engine": te, "python": platform.python_version()}

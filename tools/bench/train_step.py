@@ -315,7 +315,8 @@ def main(argv=None) -> int:
     for name, r in (("qwenvl-mcore", report["ours"]), ("transformers", report.get("transformers"))):
         if r:
             mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {mem} "
+            print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} "
+                  f"| {mem} "
                   f"| {r['first_loss']:.4f} |")
     if "parts_tflops" in report["ours"]:
         print("| part (ours, fwd+bwd, one micro-batch) | ms | model TFLOP/s | |||")
@@ -323,7 +324,8 @@ def main(argv=None) -> int:
             print(f"| {k} | {t * 1e3:.1f} | {report['ours']['parts_tflops'][k]:.1f} | |||")
     for name, r in (("qwenvl-mcore", ours), ("transformers", theirs)):
         if r and "profiled" in r:
-            print(f"profiled {name} step: wall {r['profiled']['wall_ms']:.1f} ms, kernels {r['profiled']['kernel_ms']:.1f} "
+            prof = r["profiled"]
+            print(f"profiled {name} step: wall {prof['wall_ms']:.1f} ms, kernels {prof['kernel_ms']:.1f} "
                   f"ms ({r['profiled']['profile']})")
     if theirs:
         limit = a.max_loss_diff if a.max_loss_diff is not None else (1e-4 if dtype == torch.float32 else 2e-2)

@@ -60,3 +60,16 @@ def test_segments_validate_their_cover():
 def test_varlen_kernel_is_gpu_only():
     """The CPU always takes the exact grouped path (CI checks it); varlen needs CUDA and bf16/fp16."""
     assert not varlen_available(torch.zeros(2, 2, 2, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_equal_megatrons_rotary(dtype):
+    """Rotary applied from tables computed once (AttentionContext) is bit-identical to megatron's unfused rotary,
+    which recomputes cos/sin in every layer."""
+    from qwenvl_mcore.models.qwen3_vl_moe.attention import RotaryTables
+    from qwenvl_mcore.models.qwen3_vl_moe.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(3)
+    angles = torch.randn(9, 1, 1, 16, generator=g) * 40
+    t = torch.randn(9, 1, 4, 16, generator=g).to(dtype)
+    assert torch.equal(RotaryTables(angles, dtype).apply(t), apply_rotary(t, angles))

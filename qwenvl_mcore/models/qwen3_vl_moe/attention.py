@@ -13,6 +13,9 @@ preference:
 
 A dense block-diagonal mask (`AttentionSegments.dense_mask`) is kept only as the reference the tests compare with:
 it costs s^2 memory per layer and falls back to SDPA's slower masked kernels.
+
+The rotary embedding is applied here too, from cos/sin tables computed once per forward (`AttentionContext`):
+megatron's attention would recompute them from the angles in every layer (six small kernels per layer and tensor).
 """
 
 from __future__ import annotations
@@ -79,6 +82,36 @@ class AttentionSegments:
                 allowed &= torch.ones_like(allowed).tril()
             self._dense = ~allowed[None, None]
         return self._dense
+
+
+class RotaryTables:
+    """cos and sin of rotary angles [s, b or 1, 1, d] in the compute dtype, and their application to q or k
+    [s, b, heads, d]: t * cos + rotate_half(t) * sin, the same operations as megatron's unfused rotary
+    (`rotary_interleaved=False`, the whole head dim rotated), so the result is identical."""
+
+    def __init__(self, angles: torch.Tensor, dtype: torch.dtype):
+        if angles.dim() != 4 or angles.shape[2] != 1:
+            raise ValueError(f"rotary angles must be [s, b, 1, d], got {tuple(angles.shape)}")
+        self.cos, self.sin = torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-1] != self.cos.shape[-1]:
+            raise ValueError(f"rotary tables of dim {self.cos.shape[-1]} for heads of dim {t.shape[-1]}")
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return t * self.cos + torch.cat((-x2, x1), dim=-1) * self.sin
+
+
+@dataclass(eq=False)
+class AttentionContext:
+    """What every layer's core attention needs besides q, k and v, built once per forward and passed where megatron
+    passes the attention mask (with megatron's own `rotary_pos_emb` left None).
+
+    `mask`: None (causal or full, by the layer), `AttentionSegments`, or a bool mask (True = masked out);
+    `rotary`: tables applied to q and k before attention (None: no rotary).
+    """
+
+    mask: "AttentionSegments | torch.Tensor | None" = None
+    rotary: RotaryTables | None = None
 
 
 @lru_cache(maxsize=1)
@@ -155,9 +188,10 @@ class SDPAttention(MegatronModule):
     """megatron core attention on torch kernels (flash / efficient / varlen on the GPU, math on the CPU).
 
     Contract (megatron's): q [sq, b, np, hn], k/v [sk, b, ng, hn] (GQA groups expanded by the kernel), returns
-    [sq, b, np*hn]. `attention_mask` is one of: None (causal for causal layers, full otherwise); an
-    `AttentionSegments` (b == 1: packed samples / ViT frames, see `segment_attention`); or a bool tensor
-    broadcastable to [b, np, sq, sk], True = masked out. Needs no CUDA RNG and no CUDA mask helper.
+    [sq, b, np*hn]. `attention_mask` is an `AttentionContext` (rotary tables applied to q and k first, then its
+    mask) or directly a mask: None (causal for causal layers, full otherwise); an `AttentionSegments` (b == 1:
+    packed samples / ViT frames, see `segment_attention`); or a bool tensor broadcastable to [b, np, sq, sk],
+    True = masked out. Needs no CUDA RNG and no CUDA mask helper.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
@@ -177,6 +211,10 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("SDPAttention: packed sequences are passed as AttentionSegments, not packed_seq_params.")
         sq, b = query.shape[0], query.shape[1]
+        if isinstance(attention_mask, AttentionContext):
+            if attention_mask.rotary is not None:
+                query, key = attention_mask.rotary.apply(query), attention_mask.rotary.apply(key)
+            attention_mask = attention_mask.mask
         if isinstance(attention_mask, AttentionSegments):
             if b != 1:
                 raise ValueError(f"attention segments need batch size 1, got {b}")

@@ -12,7 +12,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionSegments
+from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionContext, AttentionSegments, RotaryTables
 from qwenvl_mcore.models.qwen3_vl_moe.config import (
     Qwen3VLMoeArgs,
     language_transformer_config,
@@ -199,11 +199,11 @@ class Qwen3VLMoeModel(MegatronModule):
         s = batch.input_ids.shape[1]
         position_ids = self.position_ids(batch)  # on the host for host batches: per-sample loops over the grids
         batch, position_ids = _to_device(batch, self.device), position_ids.to(self.device, non_blocking=True)
-        rotary = self.rotary(position_ids)
         if batch.cu_seqlens is not None:
-            attention_mask = packed_attention_segments(batch.cu_seqlens, s, device=self.device)
+            mask = packed_attention_segments(batch.cu_seqlens, s, device=self.device)
         else:
-            attention_mask = self._attention_mask(batch.attention_mask, s)
+            mask = self._attention_mask(batch.attention_mask, s)
+        attention = AttentionContext(mask, RotaryTables(self.rotary(position_ids), self.config.params_dtype))
         padding_mask = None if batch.attention_mask is None else ~batch.attention_mask.bool()
         if padding_mask is not None and sp:
             chunk = s // tp
@@ -234,7 +234,7 @@ class Qwen3VLMoeModel(MegatronModule):
         if self.routing is not None and self.training and torch.is_grad_enabled():
             record = self.routing.for_microbatch(microbatch_index)
             record.coeff_scale = float(self.aux_loss_coeff * self.aux_loss_scale)
-        hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
+        hidden = self.decoder(hidden, attention_mask=attention, rotary_pos_emb=None,
                               padding_mask=padding_mask, deepstack=deepstack, routing_record=record)
         if record is not None:
             record.publish([layer.layer_number for layer in self.decoder.layers],

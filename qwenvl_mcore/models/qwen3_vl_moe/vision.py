@@ -30,7 +30,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from qwenvl_mcore.models.qwen3_vl_moe.config import Qwen3VLMoeArgs
-from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionSegments, SDPAttention
+from qwenvl_mcore.models.qwen3_vl_moe.attention import (
+    AttentionContext,
+    AttentionSegments,
+    RotaryTables,
+    SDPAttention,
+)
 from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
 from qwenvl_mcore.models.qwen3_vl_moe.rope import vision_patch_positions, vision_rotary_angles
 
@@ -279,13 +284,13 @@ class VisionModel(MegatronModule):
             grid_thw, head_dim=self.vision_args.head_dim, spatial_merge_size=self.spatial_merge_size,
             theta=self.rope_theta,
         ).to(hidden.device)
-        segments = vision_segments(grid_thw, hidden.device)
+        attention = AttentionContext(vision_segments(grid_thw, hidden.device), RotaryTables(rotary, hidden.dtype))
 
         # The block returns the outputs of the requested layers in layer order; transformers pairs each with the
         # merger at that layer's position in deepstack_visual_indexes.
         taps = sorted(set(self.deepstack_visual_indexes))
         out = self.decoder(
-            hidden_states=hidden.unsqueeze(1), attention_mask=segments, rotary_pos_emb=rotary,
+            hidden_states=hidden.unsqueeze(1), attention_mask=attention, rotary_pos_emb=None,
             extract_layer_indices=set(taps),
         )
         hidden, intermediates = out if taps else (out, [])

@@ -196,7 +196,7 @@ def norm_bytes(act_bytes: int) -> int:
 
 
 def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute: str = "none",
-                           moe_imbalance: float = 1.0, sequences: int = 1) -> dict[str, int]:
+                           moe_imbalance: float = 1.0, sequences: int = 1, dense_mask: bool = False) -> dict[str, int]:
     """Saved tensors of one MoE decoder layer for one micro-batch of `tokens` tokens (Korthikanti et al. 2022,
     "Reducing Activation Recomputation in Large Transformer Models", per-layer accounting, adapted: GQA, RMSNorm
     with an fp32 upcast, per-head q/k norms, flash-style attention that keeps no s^2 probabilities, no dropout,
@@ -206,14 +206,15 @@ def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompu
       attention  N*h (input norm) + B*h (qkv input) + N*(q + g) (q/k norms) + B*(q + g) (rotated q, k)
                  + B*(q + 2g) (qkv output, kept by v) + B*q (attention output, which is also the output
                  projection's input: SDPA writes it [b, s, heads, d], so the reshape is a view)
-                 + 4*heads (log-sum-exp) + tp*4*B*d (cos and sin cast for q and for k; [s, d] each)
+                 + 4*heads (log-sum-exp); the rotary cos/sin tables are shared by all layers (llm_activation_bytes)
       moe        N*h (pre-MLP norm) + B*h (router input) + 12*E (fp32 router logits, scores, probabilities)
                  + k*imb*(2*B*h*etp (expert input, expert output before the probability scaling)
                           + 4*B*F (gate_up output 2F, silu output F, SwiGLU product F))
-    and per layer B*b*(s/b)^2 for the attention-mask bias that SDPA builds from the dense bool mask (packed
-    block-diagonal, or padding; b = `sequences` rows of s/b tokens) and keeps for backward (the GPU path passes a
-    dense mask; a varlen flash path would drop it).
-    selective recompute (core attention) drops the attention output, the log-sum-exp and the mask bias;
+    and, with `dense_mask` (unpacked micro-batches with padding; packed rows use segment attention, no mask), per
+    layer B*b*(s/b)^2 for the attention-mask bias SDPA builds from the bool mask (b = `sequences` rows of s/b tokens)
+    and keeps for backward.
+    selective recompute (core attention, with the rotation: SDPAttention checkpoints both) drops the rotated q, k,
+    the attention output, the log-sum-exp and the mask bias;
     full recompute keeps only the layer input, B*h per token (see `llm_activation_bytes`).
     """
     t, tp = args.text, layout.tp
@@ -221,12 +222,11 @@ def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompu
     q, g, heads = t.num_attention_heads * d, t.num_key_value_heads * d, t.num_attention_heads
     b_, n_ = act_bytes, norm_bytes(act_bytes)
     s_t = tokens / tp
-    attention = (n_ * h + b_ * h + n_ * (q + g) + b_ * (q + g) + b_ * (q + 2 * g) + b_ * q + 4 * heads
-                 + tp * 4 * b_ * d)
-    core = b_ * q + 4 * heads  # recomputed under selective recompute
+    attention = n_ * h + b_ * h + n_ * (q + g) + b_ * (q + g) + b_ * (q + 2 * g) + b_ * q + 4 * heads
+    core = b_ * (q + g) + b_ * q + 4 * heads  # recomputed under selective recompute
     experts = t.num_experts_per_tok * moe_imbalance * (2 * b_ * h * layout.etp + 4 * b_ * t.moe_intermediate_size)
     moe = n_ * h + b_ * h + 12 * t.num_experts + experts
-    mask = b_ * tokens * tokens / sequences
+    mask = b_ * tokens * tokens / sequences if dense_mask else 0
     out = {"attention": int(s_t * attention), "moe": int(s_t * moe), "mask_bias": int(mask)}
     if recompute == "selective":
         out["attention"] -= int(s_t * core)
@@ -251,23 +251,26 @@ def in_flight_microbatches(pp: int, vpp: int | None, pp_rank: int, microbatches:
 
 
 def llm_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute: str, layers: int, first: bool,
-                         last: bool, in_flight: float, moe_imbalance: float = 1.0, sequences: int = 1) -> int:
+                         last: bool, in_flight: float, moe_imbalance: float = 1.0, sequences: int = 1,
+                         dense_mask: bool = False) -> int:
     """The stage's LLM activations at its peak:
       none/selective: in_flight * layers * layer_activation_bytes
       full:           in_flight * layers * B*s_t*h (checkpointed layer inputs) + one layer's full activations
                       (recomputed during its backward; our decoder block checkpoints every layer on its own)
     plus, per in-flight micro-batch: the stage input B*s_t*h (received from the previous stage) on non-first
-    stages, the final norm and LM-head input (N + B)*s_t*h on the last stage, the bool mask b*(s/b)^2 and the
-    MRoPE cos/sin tables 2*4*s*head_dim."""
+    stages, the final norm and LM-head input (N + B)*s_t*h on the last stage, the bool mask b*(s/b)^2 (with
+    `dense_mask`) and the MRoPE angles and cos/sin tables 8*s*head_dim."""
     t = args.text
     s_t = tokens / layout.tp
     per_layer = sum(layer_activation_bytes(args, layout, tokens, act_bytes, recompute=recompute,
-                                           moe_imbalance=moe_imbalance, sequences=sequences).values())
+                                           moe_imbalance=moe_imbalance, sequences=sequences,
+                                           dense_mask=dense_mask).values())
     total = in_flight * layers * per_layer
     if recompute == "full":
         total += sum(layer_activation_bytes(args, layout, tokens, act_bytes, recompute="none",
-                                            moe_imbalance=moe_imbalance, sequences=sequences).values())
-    extra = tokens * tokens / sequences + 8 * tokens * t.head_dim
+                                            moe_imbalance=moe_imbalance, sequences=sequences,
+                                            dense_mask=dense_mask).values())
+    extra = (tokens * tokens / sequences if dense_mask else 0) + 8 * tokens * t.head_dim
     if not first:
         extra += act_bytes * s_t * t.hidden_size
     if last:
@@ -281,20 +284,17 @@ def vision_activation_bytes(args, layout, patches: int, act_bytes: int, *, visio
     micro-batch's backward, "working": alive only while the tower runs}. The ViT is not recomputed; its patch
     sequence is replicated on the TP ranks, heads and MLP split by tp. Saved per patch and block:
       B*hv (LayerNorm 1 input) + B*hv (qkv input) + B*2hv/tp (rotated q, k) + B*3hv/tp (qkv output, kept by v)
-      + B*hv/tp (attention output = proj input) + 4*heads/tp (log-sum-exp) + 4*B*d_v (rotary cos, sin for q, k)
+      + B*hv/tp (attention output = proj input) + 4*heads/tp (log-sum-exp)
       + B*hv (LayerNorm 2 input) + B*hv (fc1 input) + 2*B*I/tp (GELU input and output)
       + 16 (LayerNorm mean and rstd, fp32)
-    plus per block B*P^2, the bias SDPA makes of the dense block-diagonal mask over all P patches of the micro-batch
-    (quadratic in P: a varlen attention path would drop it); the patch embedding keeps its input, B*C*T*P*P per
-    patch. Each of the 1 + len(deepstack) mergers keeps B*hv*(2 + 2/tp) per patch (norm input, fc1 input, GELU
+    (attention runs per frame on segments: no mask); once per micro-batch the rotary angles and cos/sin tables,
+    (4 + 2*B)*d_v per patch; the patch embedding keeps its input, B*C*T*P*P per patch. Each of the 1 + len(deepstack) mergers keeps B*hv*(2 + 2/tp) per patch (norm input, fc1 input, GELU
     input and output). A frozen ViT keeps nothing (neither its parameters nor its input need a gradient): one
     block's working set instead."""
     v, tp = args.vision, layout.tp
     hv, b_ = v.hidden_size, act_bytes
-    block = (4 * b_ * hv + 16 + b_ * 6 * hv / tp + 4 * v.num_heads / tp + 4 * b_ * v.head_dim
-             + 2 * b_ * v.intermediate_size / tp) * patches
-    block += b_ * patches * patches
-    embed = b_ * v.in_channels * v.temporal_patch_size * v.patch_size**2 * patches
+    block = (4 * b_ * hv + 16 + b_ * 6 * hv / tp + 4 * v.num_heads / tp + 2 * b_ * v.intermediate_size / tp) * patches
+    embed = (b_ * v.in_channels * v.temporal_patch_size * v.patch_size**2 + (4 + 2 * b_) * v.head_dim) * patches
     mergers = (1 + len(v.deepstack_visual_indexes)) * b_ * hv * (2 + 2 / tp) * patches
     saved = (v.depth * block + embed if vision_trains else 0) + (mergers if merger_trains else 0)
     return {"saved": int(saved), "working": 0 if vision_trains else int(block)}
@@ -402,7 +402,8 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
     out = dict(state)
     out["activations"] = llm_activation_bytes(args, layout, tokens, act_bytes, recompute=run.recompute,
                                               layers=layers, first=first, last=last, in_flight=flight,
-                                              moe_imbalance=run.moe_imbalance, sequences=mbs)
+                                              moe_imbalance=run.moe_imbalance, sequences=mbs,
+                                              dense_mask=not run.packing)
     vit = 0
     if first and run.image_share > 0:
         patches = int(tokens * run.image_share) * args.vision.spatial_merge_size**2

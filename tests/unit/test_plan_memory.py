@@ -138,7 +138,7 @@ def test_tiny_model_state_matches_measured_bytes(measured, case):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activation_formulas_match_saved_tensors(measured, dtype):
-    """One decoder layer (causal, no mask bias) and the ViT (its block masks included): the planner's per-layer and
+    """One decoder layer (causal, no mask) and the ViT (segment attention, no mask): the planner's per-layer and
     ViT formulas are within 10% of the bytes autograd saves on the CPU. The GPU path differs only in the attention
     kernel and the token dispatcher, which keep the same tensors."""
     from qwenvl_mcore.parallel import ParallelLayout

@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -112,6 +113,17 @@ class AttentionContext:
 
     mask: "AttentionSegments | torch.Tensor | None" = None
     rotary: RotaryTables | None = None
+
+
+class SegmentSelfAttention(SelfAttention):
+    """megatron's SelfAttention, with selective recompute of the core attention done by `SDPAttention` itself:
+    megatron's own recompute hands the attention mask to a checkpoint that saves only tensors, and ours travels as an
+    `AttentionContext`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.core_attention.recompute = self.checkpoint_core_attention
+        self.checkpoint_core_attention = False
 
 
 @lru_cache(maxsize=1)
@@ -205,11 +217,22 @@ class SDPAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         tp = config.tensor_model_parallel_size
         self.hidden_size_per_partition = config.kv_channels * config.num_attention_heads // tp
+        self.recompute = False  # set by SegmentSelfAttention under selective recompute
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **_unused):
         if packed_seq_params is not None:
             raise ValueError("SDPAttention: packed sequences are passed as AttentionSegments, not packed_seq_params.")
+        if self.recompute and self.training and torch.is_grad_enabled():
+            from megatron.core import tensor_parallel
+
+            def core_attention(q, k, v):  # megatron's checkpoint saves tensors only: the mask rides in the closure
+                return self._attend(q, k, v, attention_mask)
+
+            return tensor_parallel.checkpoint(core_attention, False, query, key, value)
+        return self._attend(query, key, value, attention_mask)
+
+    def _attend(self, query, key, value, attention_mask):
         sq, b = query.shape[0], query.shape[1]
         if isinstance(attention_mask, AttentionContext):
             if attention_mask.rotary is not None:

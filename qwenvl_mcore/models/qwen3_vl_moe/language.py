@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.utils import make_viewless_tensor
 
-from qwenvl_mcore.models.qwen3_vl_moe.attention import SDPAttention
+from qwenvl_mcore.models.qwen3_vl_moe.attention import SDPAttention, SegmentSelfAttention
 from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Norm, Qwen3VLRouter
 
 
@@ -33,7 +33,7 @@ def language_layer_spec() -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=SegmentSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,

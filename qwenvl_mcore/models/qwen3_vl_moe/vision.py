@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -35,6 +35,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.attention import (
     AttentionSegments,
     RotaryTables,
     SDPAttention,
+    SegmentSelfAttention,
 )
 from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
 from qwenvl_mcore.models.qwen3_vl_moe.rope import vision_patch_positions, vision_rotary_angles
@@ -65,7 +66,7 @@ def vision_layer_spec() -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=SegmentSelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,

@@ -38,3 +38,14 @@ def test_train_step_benchmark_matches_transformers(tmp_path):
     assert result["ours"]["tokens_per_s"] > 0 and result["transformers"]["tokens_per_s"] > 0
     assert result["flops"]["tokens"] == 2 * 256 and result["flops"]["vision"] > 0
     assert set(result["ours"]["parts_s"]) == {"decoder", "lm_head", "vision"}
+
+
+def test_host_overhead_benchmark_runs():
+    proc = subprocess.run([sys.executable, "tools/bench/host_overhead.py", "--vit-depth", "2", "--layers", "1",
+                           "--iters", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| vision", "| decoder"))]
+    assert len(rows) == 4
+    for row in rows:
+        calls = int(row.split("|")[3])
+        assert calls > 50, row

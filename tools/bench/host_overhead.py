@@ -13,7 +13,6 @@ path) on both sides. The table is the last thing printed.
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
 import os
 import socket

@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from experts import routed_counts  # tools/bench/experts.py (this script's directory is on sys.path)
 from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionSegments, segment_attention, varlen_available
 from qwenvl_mcore.models.qwen3_vl_moe.layers import expert_matmul
 
@@ -58,8 +59,7 @@ def check_attention(name, lengths, hq, hkv, d, causal, device) -> dict:
 def check_experts(device) -> dict:
     g = torch.Generator().manual_seed(0)
     experts, hidden, ffn, rows = 128, 2048, 768, 512
-    counts = torch.bincount(torch.rand(experts * rows // 8, experts, generator=g).topk(8, 1).indices.reshape(-1),
-                            minlength=experts)
+    counts = routed_counts(experts, rows, g)
     total = int(counts.sum())
     x = torch.randn(total, hidden, generator=g)
     w = torch.randn(experts, hidden, 2 * ffn, generator=g) * hidden**-0.5

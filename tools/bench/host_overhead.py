@@ -15,19 +15,19 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import start_single_process  # noqa: E402
 from train_step import build_hf_model  # noqa: E402
 
 from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionContext, RotaryTables  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.model import packed_attention_segments  # noqa: E402
-from qwenvl_mcore.parallel import ParallelLayout, init_distributed  # noqa: E402
+from qwenvl_mcore.parallel import ParallelLayout  # noqa: E402
 from qwenvl_mcore.parallel.distributed import destroy_distributed  # noqa: E402
 from qwenvl_mcore.testing.parity import build_pair  # noqa: E402
 from qwenvl_mcore.training.schedule import unwrap  # noqa: E402
@@ -63,13 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
-    init_distributed(ParallelLayout())
+    start_single_process()
     cfg = copy.deepcopy(flavor_hf_config("debug"))
     cfg["vision_config"]["depth"] = a.vit_depth
     cfg["text_config"]["num_hidden_layers"] = a.layers

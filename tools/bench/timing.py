@@ -3,11 +3,23 @@ every result table carries."""
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
 
 import torch
+
+
+def start_single_process() -> None:
+    """torch.distributed and megatron's parallel state for one process (world size 1, every parallel size 1)."""
+    from qwenvl_mcore.parallel import ParallelLayout, init_distributed
+    from qwenvl_mcore.testing.dist import free_port
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    init_distributed(ParallelLayout(), seed=1234)
 
 
 def synchronize(device: torch.device) -> None:

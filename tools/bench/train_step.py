@@ -27,20 +27,19 @@ import copy
 import gc
 import json
 import os
-import socket
 import sys
 from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import environment, peak_gib, reset_peak, synchronize, time_call  # noqa: E402
+from timing import environment, peak_gib, reset_peak, start_single_process, synchronize, time_call  # noqa: E402
 
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.model import (  # noqa: E402
     IGNORE_INDEX, MultimodalInputs, packed_attention_segments, shift_labels)
 from qwenvl_mcore.models.qwen3_vl_moe.rope import packed_position_ids  # noqa: E402
-from qwenvl_mcore.parallel import ParallelLayout, init_distributed  # noqa: E402
+from qwenvl_mcore.parallel import ParallelLayout  # noqa: E402
 from qwenvl_mcore.parallel.distributed import destroy_distributed  # noqa: E402
 from qwenvl_mcore.training import metrics  # noqa: E402
 from qwenvl_mcore.training.schedule import unwrap  # noqa: E402
@@ -234,12 +233,6 @@ def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int, profi
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="qwen3_vl_30b_a3b")
@@ -268,10 +261,7 @@ def main(argv=None) -> int:
     if (device.type == "cuda") != torch.cuda.is_available():
         raise SystemExit("--device must be cuda exactly when a GPU is present (megatron's state follows the machine)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(key, value)
-    init_distributed(ParallelLayout(), seed=1234)
+    start_single_process()
     cfg = reduced_config(a.flavor, a.layers or None)
     args = args_from_hf_config(cfg)
     rows = synthetic_rows(args, rows=a.microbatches, seq_length=a.seq_length, samples=a.samples_per_row,

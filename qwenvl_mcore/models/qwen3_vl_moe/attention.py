@@ -42,6 +42,7 @@ class AttentionSegments:
     lengths: tuple[int, ...]
     causal: bool
     _dense: torch.Tensor | None = field(default=None, repr=False)
+    _groups: list | None = field(default=None, repr=False)
 
     @classmethod
     def from_lengths(cls, lengths, *, causal: bool, device=None) -> "AttentionSegments":
@@ -73,6 +74,21 @@ class AttentionSegments:
         """Segment index of every token, [s] (long, on the device of cu_seqlens)."""
         lengths = torch.tensor(self.lengths, device=self.cu_seqlens.device)
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=lengths.device), lengths)
+
+    def length_groups(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(length n, number m of segments that long, their token rows [m * n] on the device), built once and
+        shared by every layer that attends over these segments."""
+        if self._groups is None:
+            starts: dict[int, list[int]] = {}
+            start = 0
+            for n in self.lengths:
+                starts.setdefault(n, []).append(start)
+                start += n
+            device = self.cu_seqlens.device
+            self._groups = [(n, len(s), (torch.tensor(s, device=device)[:, None]
+                                         + torch.arange(n, device=device)).reshape(-1))
+                            for n, s in starts.items()]
+        return self._groups
 
     def dense_mask(self) -> torch.Tensor:
         """Reference bool mask [1, 1, s, s], True = masked (megatron's convention); built once."""
@@ -181,15 +197,10 @@ def _varlen(q, k, v, segments: AttentionSegments, scale):
 def _grouped_sdpa(q, k, v, segments: AttentionSegments, scale):
     """One batched SDPA call per distinct segment length (exact; any device)."""
     out = q.new_empty(q.shape)
-    by_length: dict[int, list[int]] = {}
-    start = 0
-    for n in segments.lengths:
-        by_length.setdefault(n, []).append(start)
-        start += n
-    for n, starts in by_length.items():
-        rows = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+    for n, m, rows in segments.length_groups():
+        rows = rows.to(q.device)
         def gather(t):  # [m*n, h, d] -> [m, h, n, d]
-            return t.index_select(0, rows).view(len(starts), n, t.shape[1], t.shape[2]).transpose(1, 2)
+            return t.index_select(0, rows).view(m, n, t.shape[1], t.shape[2]).transpose(1, 2)
         o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=segments.causal and n > 1,
                                            scale=scale, enable_gqa=True)
         out = out.index_copy(0, rows, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))

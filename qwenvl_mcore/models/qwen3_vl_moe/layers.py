@@ -164,7 +164,7 @@ class GroupedExperts(MegatronModule):
         self.grouped_gemm: bool | None = None  # None: grouped GEMM where fast (see use_grouped_mm), else the loop
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
-        counts = tokens_per_expert if torch.is_tensor(tokens_per_expert) else torch.tensor(tokens_per_expert)
+        counts = tokens_per_expert  # a tensor or a list; expert_matmul takes either
         grouped = use_grouped_mm(hidden) if self.grouped_gemm is None else self.grouped_gemm
         e_l, h = self.num_local_experts, self.config.hidden_size
         gate_up = expert_matmul(hidden, self.weight1.view(e_l, h, 2 * self.ffn_local), counts, grouped=grouped)

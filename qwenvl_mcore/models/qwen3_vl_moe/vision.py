@@ -96,11 +96,7 @@ def _grid_list(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
 def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
     """int32 [num_segments + 1] boundaries of the ViT attention segments: one segment of h*w patches per frame of
     each image / video (t segments for a grid with temporal size t), in patch order, starting at 0."""
-    lengths = [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=grid_thw.device)
-    if lengths:
-        out[1:] = torch.tensor(lengths, dtype=torch.int32, device=grid_thw.device).cumsum(0)
-    return out
+    return vision_segments(grid_thw).cu_seqlens
 
 
 def vision_segments(grid_thw: torch.Tensor, device: torch.device | str | None = None) -> AttentionSegments:

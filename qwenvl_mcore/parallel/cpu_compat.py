@@ -166,6 +166,28 @@ def apply() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def suspended_device_mode():
+    """Runs the body without fix 2's TorchFunctionMode (a no-op when it is not active).
+
+    The mode intercepts every torch call, which roughly doubles the host cost of a forward on the CPU; a
+    measurement of host overhead meant to stand for the GPU (where the mode is never active) runs inside this.
+    The body must not reach megatron code that creates tensors on a CUDA device.
+    """
+    if _DEVICE_MODE is None:
+        yield
+        return
+    from torch.overrides import _get_current_function_mode
+
+    if _get_current_function_mode() is not _DEVICE_MODE:
+        raise RuntimeError("another TorchFunctionMode is active above the CPU-compatibility mode")
+    _DEVICE_MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _DEVICE_MODE.__enter__()
+
+
 _ADAM_FIX_APPLIED = False
 
 

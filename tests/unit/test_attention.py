@@ -72,4 +72,10 @@ def test_rotary_tables_equal_megatrons_rotary(dtype):
     g = torch.Generator().manual_seed(3)
     angles = torch.randn(9, 1, 1, 16, generator=g) * 40
     t = torch.randn(9, 1, 4, 16, generator=g).to(dtype)
-    assert torch.equal(RotaryTables(angles, dtype).apply(t), apply_rotary(t, angles))
+    grad = torch.randn(9, 1, 4, 16, generator=g).to(dtype)
+    ours, theirs = t.clone().requires_grad_(), t.clone().requires_grad_()
+    out = RotaryTables(angles, dtype).apply(ours)
+    assert torch.equal(out, apply_rotary(theirs, angles))
+    out.backward(grad)
+    apply_rotary(theirs, angles).backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)

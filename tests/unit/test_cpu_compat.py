@@ -23,7 +23,11 @@ def _probe(rank, world):
     outer_after = torch.rand(1)
     with tracker.fork():
         forked_2 = torch.rand(3)
+    with cpu_compat.suspended_device_mode():
+        suspended_type = torch.zeros(1).type()
     return {
+        "suspended_type": suspended_type,
+        "resumed_type": torch.zeros(1).type(),
         "cuda_tensor_on_cpu": torch.zeros(2, device="cuda").device.type,
         "current_device": torch.cuda.current_device(),
         "to_cuda": torch.ones(1).to("cuda").device.type,
@@ -42,3 +46,5 @@ def test_cpu_compat_fixes():
     assert r["type_names"] == ["torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor"]
     assert r["type_cast"] and r["synchronize"] and r["stream_wait"]
     assert r["fork_keeps_outer_stream"] and r["fork_advances"]
+    # suspended_device_mode (host-overhead measurements): the mode is off inside and back on after
+    assert r["suspended_type"] == "torch.FloatTensor" and r["resumed_type"] == "torch.cuda.FloatTensor"

@@ -27,7 +27,7 @@ from train_step import build_hf_model  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionContext, RotaryTables  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.model import packed_attention_segments  # noqa: E402
-from qwenvl_mcore.parallel import ParallelLayout  # noqa: E402
+from qwenvl_mcore.parallel import ParallelLayout, cpu_compat  # noqa: E402
 from qwenvl_mcore.parallel.distributed import destroy_distributed  # noqa: E402
 from qwenvl_mcore.testing.parity import build_pair  # noqa: E402
 from qwenvl_mcore.training.schedule import unwrap  # noqa: E402
@@ -116,9 +116,12 @@ def main(argv=None) -> int:
         backward([language.norm(y)])
 
     rows = []
-    for part, ours, theirs in (("vision tower", ours_vit, hf_vit), ("decoder layers", ours_decoder, hf_decoder)):
-        for name, fn in (("qwenvl-mcore", ours), ("transformers", theirs)):
-            rows.append({"part": part, "impl": name, **measure(fn, a.iters)})
+    # Without a GPU, cpu_compat's device mode intercepts every torch call (about twice the host cost); it is
+    # never active on the GPU, so the measurement runs without it (these modules create no CUDA tensors).
+    with cpu_compat.suspended_device_mode():
+        for part, ours, theirs in (("vision tower", ours_vit, hf_vit), ("decoder layers", ours_decoder, hf_decoder)):
+            for name, fn in (("qwenvl-mcore", ours), ("transformers", theirs)):
+                rows.append({"part": part, "impl": name, **measure(fn, a.iters)})
     destroy_distributed()
     print(f"# host cost per forward + backward on the CPU (1 thread, tiny widths): ViT {a.vit_depth} blocks, "
           f"{a.images} x 64 patches; {a.layers} MoE layers, {s} packed tokens")

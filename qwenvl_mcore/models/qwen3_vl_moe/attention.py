@@ -103,19 +103,24 @@ class AttentionSegments:
 
 class RotaryTables:
     """cos and sin of rotary angles [s, b or 1, 1, d] in the compute dtype, and their application to q or k
-    [s, b, heads, d]: t * cos + rotate_half(t) * sin, the same operations as megatron's unfused rotary
-    (`rotary_interleaved=False`, the whole head dim rotated), so the result is identical."""
+    [s, b, heads, d]: t * cos + rotate_half(t) * sin, megatron's unfused rotary (`rotary_interleaved=False`, the
+    whole head dim rotated), bit for bit.
+
+    rotate_half(t) * sin = cat(-x2, x1) * sin is computed as roll(t, d/2) * cat(-sin1, sin2): negation is exact,
+    so the products are the same numbers, from 4 kernels per call (and 2 in backward) instead of 6 (and 4)."""
 
     def __init__(self, angles: torch.Tensor, dtype: torch.dtype):
         if angles.dim() != 4 or angles.shape[2] != 1:
             raise ValueError(f"rotary angles must be [s, b, 1, d], got {tuple(angles.shape)}")
-        self.cos, self.sin = torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+        self.cos = torch.cos(angles).to(dtype)
+        sin = torch.sin(angles).to(dtype)
+        self.half = sin.shape[-1] // 2
+        self.signed_sin = torch.cat((-sin[..., : self.half], sin[..., self.half:]), dim=-1)
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         if t.shape[-1] != self.cos.shape[-1]:
             raise ValueError(f"rotary tables of dim {self.cos.shape[-1]} for heads of dim {t.shape[-1]}")
-        x1, x2 = torch.chunk(t, 2, dim=-1)
-        return t * self.cos + torch.cat((-x2, x1), dim=-1) * self.sin
+        return t * self.cos + torch.roll(t, self.half, dims=-1) * self.signed_sin
 
 
 @dataclass(eq=False)

@@ -143,10 +143,11 @@ class Qwen3VLMoeModel(MegatronModule):
             batch.input_ids, batch.image_grid_thw, batch.video_grid_thw, batch.attention_mask, **tokens)
         return position_ids
 
-    def _visual_features(self, batch: MultimodalInputs):
-        """ViT features of the images then videos in token order: (merged [n, h], deepstack list) or None."""
-        ids = batch.input_ids
-        image_mask, video_mask = ids == self.args.image_token_id, ids == self.args.video_token_id
+    def _visual_features(self, batch: MultimodalInputs, host_ids: torch.Tensor):
+        """ViT features of the images then videos in token order: (visual mask [b, s] on the host, merged [n, h],
+        deepstack list) or None. The placeholder masks and counts come from `host_ids` (the input ids on the
+        host), so nothing here waits for the GPU."""
+        image_mask, video_mask = host_ids == self.args.image_token_id, host_ids == self.args.video_token_id
         parts = []
         for pixels, grid, mask, what in (
             (batch.pixel_values, batch.image_grid_thw, image_mask, "image"),
@@ -167,15 +168,16 @@ class Qwen3VLMoeModel(MegatronModule):
         if not parts:
             return None
         visual_mask = image_mask | video_mask
-        n_visual = int(visual_mask.sum())
-        n_deep = len(self.args.vision.deepstack_visual_indexes)
+        if len(parts) == 1:  # one kind of visual input: its features are already in token order
+            return visual_mask, parts[0][1], parts[0][2]
         # Features in visual-token order (batch-major), images and videos interleaved as their tokens are.
+        n_visual = int(visual_mask.sum())
         merged = parts[0][1].new_empty(n_visual, parts[0][1].shape[-1])
-        deep = [merged.new_empty(merged.shape) for _ in range(n_deep)]
+        deep = [merged.new_empty(merged.shape) for _ in range(len(self.args.vision.deepstack_visual_indexes))]
         for mask, m, ds in parts:
-            sel = mask[visual_mask]
-            merged = merged.index_put((sel,), m)
-            deep = [d.index_put((sel,), f) for d, f in zip(deep, ds)]
+            rows = mask[visual_mask].nonzero().squeeze(1).to(m.device, non_blocking=True)
+            merged = merged.index_copy(0, rows, m)
+            deep = [d.index_copy(0, rows, f) for d, f in zip(deep, ds)]
         return visual_mask, merged, deep
 
     def _attention_mask(self, attention_mask: torch.Tensor | None, s: int) -> torch.Tensor | None:
@@ -198,6 +200,7 @@ class Qwen3VLMoeModel(MegatronModule):
         batch = _pad_to_multiple(batch, tp if sp else 1)
         s = batch.input_ids.shape[1]
         position_ids = self.position_ids(batch)  # on the host for host batches: per-sample loops over the grids
+        host_ids = batch.input_ids.cpu() if self.pre_process else None
         batch, position_ids = _to_device(batch, self.device), position_ids.to(self.device, non_blocking=True)
         if batch.cu_seqlens is not None:
             mask = packed_attention_segments(batch.cu_seqlens, s, device=self.device)
@@ -215,7 +218,7 @@ class Qwen3VLMoeModel(MegatronModule):
             hidden = self.embedding(batch.input_ids)  # [s/tp, b, h] under SP, else [b, s, h]
             if not sp:
                 hidden = hidden.transpose(0, 1).contiguous()
-            visual = self._visual_features(batch)
+            visual = self._visual_features(batch, host_ids)
             if visual is not None:
                 visual_mask, merged, deep = visual
                 if sp:
@@ -223,8 +226,8 @@ class Qwen3VLMoeModel(MegatronModule):
                     # the feature gradients over TP in backward gives every rank the full ViT gradient.
                     merged = tensor_parallel.copy_to_tensor_model_parallel_region(merged)
                     deep = [tensor_parallel.copy_to_tensor_model_parallel_region(d) for d in deep]
-                scatter = VisualScatter.from_mask(
-                    visual_mask, sp_rank=self.tp_group.rank() if sp else 0, sp_size=tp if sp else 1)
+                scatter = VisualScatter.from_mask(visual_mask, sp_rank=self.tp_group.rank() if sp else 0,
+                                                  sp_size=tp if sp else 1, device=self.device)
                 hidden = scatter.replace(hidden, merged)
                 deepstack = DeepStackInputs(deep, scatter)
         else:

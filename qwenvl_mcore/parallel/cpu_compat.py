@@ -170,7 +170,7 @@ def apply() -> bool:
 def suspended_device_mode():
     """Runs the body without fix 2's TorchFunctionMode (a no-op when it is not active).
 
-    The mode intercepts every torch call, which roughly doubles the host cost of a forward on the CPU; a
+    The mode intercepts every torch call (about a quarter more host time per ViT forward + backward); a
     measurement of host overhead meant to stand for the GPU (where the mode is never active) runs inside this.
     The body must not reach megatron code that creates tensors on a CUDA device.
     """

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         backward([language.norm(y)])
 
     rows = []
-    # Without a GPU, cpu_compat's device mode intercepts every torch call (about twice the host cost); it is
+    # Without a GPU, cpu_compat's device mode intercepts every torch call (about a quarter more time); it is
     # never active on the GPU, so the measurement runs without it (these modules create no CUDA tensors).
     with cpu_compat.suspended_device_mode():
         for part, ours, theirs in (("vision tower", ours_vit, hf_vit), ("decoder layers", ours_decoder, hf_decoder)):

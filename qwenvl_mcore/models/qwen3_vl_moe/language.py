@@ -71,10 +71,10 @@ class VisualScatter:
                   device: torch.device | None = None) -> "VisualScatter":
         b, s = visual_mask.shape
         chunk = s // sp_size
+        local = slice(sp_rank * chunk, (sp_rank + 1) * chunk)
         order = torch.cumsum(visual_mask.reshape(-1).long(), 0).reshape(b, s) - 1
-        local_mask = visual_mask.transpose(0, 1)[sp_rank * chunk:(sp_rank + 1) * chunk].reshape(-1)  # [s_local*b]
-        positions = local_mask.nonzero().squeeze(1)
-        feature_rows = order.transpose(0, 1)[sp_rank * chunk:(sp_rank + 1) * chunk].reshape(-1)[positions]
+        positions = visual_mask.transpose(0, 1)[local].reshape(-1).nonzero().squeeze(1)  # rows of [s_local * b]
+        feature_rows = order.transpose(0, 1)[local].reshape(-1)[positions]
         device = visual_mask.device if device is None else device
         return cls(positions.to(device, non_blocking=True), feature_rows.to(device, non_blocking=True))
 

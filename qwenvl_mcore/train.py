@@ -21,10 +21,27 @@ EXIT_CODES = {"completed": 0, "preempted": 143, "bad_steps": 3}
 EXIT_BAD_INPUT = 2
 
 
+def report_error(message: str) -> None:
+    """Say what stopped the run once, not once per rank. Under slurm/node.sh (QW_STATUS_DIR set) each rank leaves
+    its message in the node's status directory and node.sh prints every distinct message once; otherwise each rank
+    prints it, naming itself when there are several."""
+    status_dir = os.environ.get("QW_STATUS_DIR")
+    if status_dir:
+        with open(os.path.join(status_dir, f"error_{os.environ.get('LOCAL_RANK', '0')}"), "w") as f:
+            f.write(message)
+        return
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    print(f"error (rank {os.environ.get('RANK', '0')}): {message}" if several else f"error: {message}",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    from qwenvl_mcore import library_noise
+
+    library_noise.install()  # before megatron and torch.distributed are imported: they warn at import time
     # A stop signal (Slurm pre-emption) may come while the libraries load and the model is built: record it, so the
     # run checkpoints after its first step and exits 143 (requeued), instead of dying unrequeued.
     early: list[int] = []
@@ -37,14 +54,12 @@ def main(argv: list[str]) -> int:
     from qwenvl_mcore.parallel.layout import LayoutError
     from qwenvl_mcore.training.config import ConfigError, compose
 
-    rank = int(os.environ.get("RANK", "0"))
     print_only = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
     try:
         cfg = compose(argv)
     except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return EXIT_BAD_INPUT
     if print_only:
         from omegaconf import OmegaConf
@@ -57,7 +72,7 @@ def main(argv: list[str]) -> int:
     try:
         status = train(cfg, early_signals=early)
     except (ConfigError, CheckpointError, ModelConfigError, LayoutError, DataError) as e:
-        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        report_error(str(e))
         return EXIT_BAD_INPUT
     finally:
         destroy_distributed()

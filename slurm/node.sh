@@ -66,10 +66,13 @@ done
 
 qw_log "node $node_rank/$nnodes: $nproc ranks, rendezvous ${MASTER_ADDR:-standalone}${MASTER_PORT:+:$MASTER_PORT}, $python"
 # torchrun handles SIGUSR1 as well as its default signals and waits for the trainers' checkpoint up to
-# TORCH_ELASTIC_SHUTDOWN_TIMEOUT; rank.py records each trainer's status. After passing a signal on, torchrun ends
-# with a SignalException traceback and status 1: expected, the trainers' statuses are what counts.
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT; rank.py records each trainer's status. slurm/torchrun.py is torchrun without its
+# 50-line report of failed ranks: after a failure or a passed-on signal it ends with one line and status 1, and the
+# trainers' statuses (and their error messages, printed once below) are what counts. OMP_NUM_THREADS=1 is what
+# torchrun sets for several ranks anyway; set here, torchrun does not print its banner about it.
+((nproc == 1)) || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [[ -n $under_slurm ]] || set -m # torchrun in a process group of its own (see Signals above)
-"$python" -m torch.distributed.run "${rendezvous[@]}" --nproc-per-node="$nproc" --max-restarts=0 \
+"$python" "$QW_ROOT/slurm/torchrun.py" "${rendezvous[@]}" --nproc-per-node="$nproc" --max-restarts=0 \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     "$QW_ROOT/slurm/rank.py" -m qwenvl_mcore.train "$@" &
 torchrun_pid=$!
@@ -93,5 +96,21 @@ for ((r = 0; r < nproc; r++)); do
     esac
 done
 rc=${failed:-${killed:-${missing:-${stopped:-0}}}}
+# What stopped the trainers, each distinct message once (train.py leaves one per rank instead of printing it).
+declare -A error_ranks=()
+errors=()
+for ((r = 0; r < nproc; r++)); do
+    [[ -f $QW_STATUS_DIR/error_$r ]] || continue
+    msg=$(<"$QW_STATUS_DIR/error_$r")
+    [[ -n ${error_ranks[$msg]+set} ]] || errors+=("$msg")
+    error_ranks[$msg]+="${error_ranks[$msg]:+,}$((node_rank * nproc + r))"
+done
+for msg in "${errors[@]}"; do
+    if ((${#errors[@]} == 1)); then
+        printf 'error: %s\n' "$msg" >&2
+    else
+        printf 'error (ranks %s): %s\n' "${error_ranks[$msg]}" "$msg" >&2
+    fi
+done
 qw_log "node $node_rank: trainer exit statuses [$(IFS=,; echo "${statuses[*]}")], torchrun $torchrun_rc -> $rc"
 exit "$rc"

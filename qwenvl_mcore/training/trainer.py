@@ -22,6 +22,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import DictConfig, OmegaConf
 
+from qwenvl_mcore import library_noise
 from qwenvl_mcore.checkpoint import manager, model_io
 from qwenvl_mcore.data.build import datasets_from_config
 from qwenvl_mcore.data.pipeline import BatchShape, RankStep, StepBatches, empty_microbatch, step_loader
@@ -355,6 +356,7 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
             tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
             wandb_mode=cfg.logging.wandb_mode, run_name=cfg.trainer.name,
             config=OmegaConf.to_container(cfg, resolve=True), start_step=run.state.step, total_steps=cfg.trainer.steps)
+        library_noise.write_to(os.path.join(cfg.logging.dir, "library_warnings.log"))
         writer.message(f"[train] {cfg.trainer.name}: layout {run.layout.as_dict()} on {dist.get_world_size()} ranks, "
                        f"{cfg.data.global_batch_size} samples/step ("
                        + (f"packed into {cfg.data.seq_length}-token sequences" if cfg.data.packing else

@@ -184,7 +184,40 @@ def test_sigterm_checkpoints_requeues_and_the_next_start_resumes(job):
     assert job.slurm.count("scontrol requeue") == 1 and "srun task 1 exited 0" in job.slurm
 
 
+# What a user reads: the libraries' known notices are kept off the console (qwenvl_mcore/library_noise.py), once
+# each in the run's logs/library_warnings.log; torchrun's traceback after a passed-on signal is gone too.
+LIBRARY_NOTICES = ("Transformer Engine and Apex are not installed", "No CUDA runtime is found", "full scope is deprecated",
+                   "MCore's async save is deprecated", "deprecating ShardedTensor", "full_param_layout not provided",
+                   "warnings.warn(")
+
+
+def test_library_notices_go_to_the_log_file_once(job):
+    for out in (job.first, job.second):
+        shown = [n for n in LIBRARY_NOTICES if n in out]
+        assert not shown, shown
+        assert "Traceback" not in out and "OMP_NUM_THREADS" not in out, out[-4000:]
+    logged = (job.run_dir / "logs" / "library_warnings.log").read_text().splitlines()
+    assert any("Transformer Engine and Apex are not installed" in line for line in logged), logged
+    assert any("MCore's async save is deprecated" in line for line in logged), logged
+    assert len(logged) == len(set(logged)), logged
+
+
 # -- the other launchers -------------------------------------------------------------------------------------------
+def test_a_bad_layout_is_reported_once_without_launcher_noise(tmp_path):
+    """A configuration error that every rank hits is printed once, with the trainers' status (2), and no torchrun
+    traceback or failure table."""
+    proc = subprocess.run([str(ROOT / "launch" / "local.sh"), "--nproc", "2", "experiment=debug_cpu_tp2_ep2",
+                           "parallel.tp=3", f"trainer.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert out.count("world size 2 is not divisible by tp*pp*cp = 3*1*1") == 1, out
+    assert "error: world size 2 is not divisible" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out and "Root Cause" not in out, out
+    assert "trainer exit statuses [2,2], torchrun 1 -> 2" in out
+    assert len(out.splitlines()) <= 5, out
+
+
 def test_local_stops_on_sigterm_with_the_trainers_status(tmp_path):
     """`kill -TERM` to launch/local.sh: passed on to torchrun (as SIGUSR1), the trainer checkpoints, and its status
     143 comes back through torchrun (which itself exits 1)."""

@@ -22,6 +22,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".qwenvl_mcore_demo"  # in every directory the demo makes: the only kind it ever replaces
+
+
+def claim_output(out: Path) -> None:
+    """Make `out` an empty demo directory. An existing one is replaced only if a previous demo made it (its
+    marker) or it is empty; the checkout and its parents are never used. SystemExit with an error otherwise."""
+    out = out.resolve()
+    if out == ROOT or out in ROOT.parents:
+        raise SystemExit(f"error: --out {out} is the checkout or contains it; choose a directory of its own, such "
+                         "as runs/demo.")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise SystemExit(f"error: --out {out} exists and is not a previous demo output (no {MARKER}); nothing "
+                             "was deleted. Choose another --out, or empty it yourself.")
+        shutil.rmtree(out)
+    elif out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} exists and is not a directory; choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by python -m qwenvl_mcore.demo; replaced by the next demo run\n")
 
 
 def _run(what: str, cmd: list[str], log: Path) -> None:
@@ -53,7 +72,8 @@ def generate(export: Path, image: Path, max_new_tokens: int = 16) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="everything goes here (replaced)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "demo"),
+                        help="everything goes here (an earlier demo output there is replaced; anything else is refused)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--samples", type=int, default=64)
     opts = parser.parse_args(argv)
@@ -62,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     out = Path(opts.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    claim_output(out)
     hf = tiny.save_tiny_hf_checkpoint(out / "hf", seed=0)
     manifest = write_sample_dataset(out / "data", num_samples=opts.samples, seed=0)
     files = [str(out / "data" / f) for f in manifest["files"]]

@@ -59,7 +59,7 @@ def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtyp
     staging = model_io.staging_dir_for(final)
     if _is_rank0():
         os.makedirs(save_root, exist_ok=True)
-        model_io.prepare_output(final, overwrite=True)
+        model_io.prepare_output(final, overwrite=True, mark=False)
     _barrier()
     dist_checkpointing.save(state, staging)
     _barrier()

@@ -65,6 +65,11 @@ def read_info(ckpt_dir: str) -> CheckpointInfo:
             hint = " It looks like an HF model directory: convert it first with tools/convert/hf2mcore.py."
         elif os.path.isfile(os.path.join(ckpt_dir, "latest")):
             hint = f" It is a training save directory: pass {os.path.join(ckpt_dir, 'latest')!r} or a step directory."
+        elif os.path.isdir(os.path.join(ckpt_dir, "checkpoints")):
+            hint = (f" It looks like a training run directory without a complete checkpoint yet "
+                    f"({os.path.join(ckpt_dir, 'checkpoints', 'latest')} is missing).")
+        elif not os.path.isdir(ckpt_dir):
+            hint = " No such directory."
         raise CheckpointError(f"{ckpt_dir} is not a qwenvl-mcore checkpoint (no {META_FILE}).{hint}")
     with open(path) as f:
         info = json.load(f)
@@ -180,42 +185,100 @@ def load_model(ckpt_dir: str, chunks) -> None:
             raise CheckpointError(f"{ckpt_dir}: parameters not restored {missing[:10]}, unexpected {unexpected[:10]}")
 
 
+STAGING_MARKER = ".qwenvl_mcore_staging"  # proves a leftover staging directory is ours to remove
+
+
 def staging_dir_for(out: str) -> str:
     """Where an output is built before it is renamed into place (a sibling, so the rename is atomic)."""
     out = os.path.abspath(out)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.incomplete")
 
 
-def prepare_output(out: str, *, overwrite: bool) -> str:
-    """Refuse an existing output unless `overwrite`; return an empty staging directory for it."""
-    if os.path.exists(out) and not overwrite:
-        raise CheckpointError(f"output {out} exists; pass --overwrite to replace it.")
+def _overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
+def check_output_apart(out: str, inputs) -> None:
+    """Refuse an output (or its staging directory) equal to, inside or containing one of `inputs` (paths or
+    None; symlinks resolved): replacing or publishing it would destroy or change what the command reads."""
+    targets = {os.path.realpath(out), os.path.realpath(staging_dir_for(out))}
+    for given in inputs:
+        if given is None:
+            continue
+        real = os.path.realpath(given)
+        if any(_overlap(t, real) for t in targets):
+            raise CheckpointError(f"output {out} overlaps the input {given} ({real}): it must be neither the input, "
+                                  "inside it, nor contain it. Choose another --out.")
+
+
+def prepare_output(out: str, *, overwrite: bool, inputs=(), mark: bool = True) -> str:
+    """Refuse an output that overlaps `inputs`, or exists unless `overwrite`; return a new, empty staging
+    directory for it, marked as ours. A leftover staging directory is removed only if it has our marker; the
+    caller guarantees that nobody else builds the same output (converters: the output's lock). `mark=False` is
+    for a caller that owns every staging name it uses (the trainer's step directories, under the run's lock):
+    a leftover is removed as is and no marker is written (megatron warns about a non-empty save directory)."""
+    check_output_apart(out, inputs)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise CheckpointError(f"output {out} exists; pass --overwrite to replace it.")
+        if os.path.islink(out) or not os.path.isdir(out):
+            raise CheckpointError(f"output {out} exists and is not a directory; remove it or choose another --out.")
     staging = staging_dir_for(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    if os.path.lexists(staging):
+        if os.path.islink(staging) or (mark and not os.path.isfile(os.path.join(staging, STAGING_MARKER))):
+            raise CheckpointError(f"{staging} exists and was not made by qwenvl-mcore (no {STAGING_MARKER}); "
+                                  "move or remove it, or choose another --out.")
+        shutil.rmtree(staging)  # a killed run's: its owner no longer holds the output
+    os.makedirs(os.path.dirname(staging), exist_ok=True)
+    os.mkdir(staging)  # mode from the umask, like any directory the user makes
+    if mark:
+        with open(os.path.join(staging, STAGING_MARKER), "w") as f:
+            f.write(f"{os.getpid()}\n")
     return staging
 
 
 def publish_output(staging: str, out: str) -> None:
-    """Move a complete staging directory into place (replacing an old output only now)."""
+    """Move a complete staging directory into place. An old output (replaced with --overwrite) is first renamed
+    to a fresh, uniquely named sibling, so nothing but it is ever deleted, and it is put back if the move fails."""
     out = os.path.abspath(out)
-    if os.path.exists(out):
-        old = out + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
+    marker = os.path.join(staging, STAGING_MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    if not os.path.lexists(out):
         os.rename(staging, out)
-        shutil.rmtree(old)
-    else:
+        return
+    while True:
+        old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        if not os.path.lexists(old):
+            break
+    os.rename(out, old)
+    try:
         os.rename(staging, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old)
 
 
 def discard_output(staging: str) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
+    """Remove a staging directory that prepare_output returned (never through a symlink)."""
+    if os.path.isdir(staging) and not os.path.islink(staging):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_checkpoint_dir(path: str) -> str:
-    """A checkpoint directory, or a training save directory whose `latest` file names one."""
-    latest = Path(path) / "latest"
-    if latest.is_file() and not (Path(path) / META_FILE).exists():
-        return str(Path(path) / latest.read_text().strip())
+    """A checkpoint directory; a training save directory (`<trainer.dir>/checkpoints`) whose `latest` file names
+    one; or a run directory (`trainer.dir`), whose checkpoints/latest is used. Anything else is returned as given
+    (read_info then says what it is)."""
+    root = Path(path)
+    if (root / META_FILE).exists():
+        return path
+    for save_root in (root, root / "checkpoints"):
+        latest = save_root / "latest"
+        if latest.is_file():
+            named = save_root / latest.read_text().strip()
+            if not named.is_dir():
+                raise CheckpointError(f"{latest} names {named.name}, which does not exist; pass a step directory "
+                                      f"of {save_root}.")
+            return str(named)
     return path

@@ -13,6 +13,7 @@ directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from qwenvl_mcore.checkpoint import model_io
+from qwenvl_mcore.checkpoint import locking, model_io
 from qwenvl_mcore.checkpoint.dcp import Chunk, read_regions, tensor_metadata, write_chunks
 from qwenvl_mcore.conversion import hf_io
 from qwenvl_mcore.conversion.transforms import LayoutMismatch
@@ -34,13 +35,35 @@ from qwenvl_mcore.models.qwen3_vl_moe.config import (
     released_config_dict,
 )
 from qwenvl_mcore.models.qwen3_vl_moe.hf_mapping import Context, rules_for
+from qwenvl_mcore.parallel.spawn import run_on_ranks, sigterm_as_exit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-USER_ERRORS = (model_io.CheckpointError, hf_io.HFCheckpointError, ModelConfigError, LayoutMismatch)
+USER_ERRORS = (model_io.CheckpointError, hf_io.HFCheckpointError, ModelConfigError, LayoutMismatch,
+               locking.LockHeld)
 
 
 class ConversionError(ValueError):
     """Bad input for a conversion; the message names the problem."""
+
+
+def _check_procs(procs) -> None:
+    if type(procs) is not int or procs < 1:
+        raise ConversionError(f"--procs {procs}: the number of processes must be at least 1.")
+
+
+@contextlib.contextmanager
+def _building(out: str, *, overwrite: bool, inputs):
+    """Hold `out`'s lock (a second conversion to it is refused naming this one) and yield a fresh staging
+    directory, published as `out` when the block completes and removed when it fails or is stopped (SIGTERM:
+    the workers are stopped first, then exit 143). A staging directory left by a killed run is removed here."""
+    with sigterm_as_exit(), locking.PathLock(locking.lock_path_for(out), target=out):
+        staging = model_io.prepare_output(out, overwrite=overwrite, inputs=inputs)
+        try:
+            yield staging
+        except BaseException:
+            model_io.discard_output(staging)
+            raise
+        model_io.publish_output(staging, out)
 
 
 def _natural(name: str):
@@ -171,18 +194,13 @@ def _write_config(path: str, config: dict, dtype: torch.dtype) -> None:
 def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, procs: int = 1, overwrite: bool = False,
                 progress: bool = True) -> dict:
     """Convert an HF Qwen3-VL MoE directory into a megatron checkpoint at `out` (see module docstring)."""
-    from qwenvl_mcore.testing.dist import run_on_ranks
-
+    _check_procs(procs)
+    model_io.check_output_apart(out, [hf_dir])
     config = load_hf_config(hf_dir)
     args = args_from_hf_config(config)
     infos = check_hf_checkpoint(hf_dir, args, config)
-    staging = model_io.prepare_output(out, overwrite=overwrite)
-    try:
+    with _building(out, overwrite=overwrite, inputs=[hf_dir]) as staging:
         result = run_on_ranks(_hf_to_mcore_rank, procs, hf_dir, infos, staging, dtype, progress)[0]
-    except BaseException:
-        model_io.discard_output(staging)
-        raise
-    model_io.publish_output(staging, out)
     return result
 
 
@@ -250,17 +268,22 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
                 overwrite: bool = False, progress: bool = True) -> dict:
     """Export a megatron checkpoint (converted or saved by the trainer, any layout) to an HF directory."""
     from qwenvl_mcore.conversion.transforms import RELEASED, TRANSFORMERS5
-    from qwenvl_mcore.testing.dist import run_on_ranks
 
     if expert_layout not in (RELEASED, TRANSFORMERS5):
         raise ConversionError(f"expert layout {expert_layout!r}: choose {RELEASED!r} or {TRANSFORMERS5!r}.")
+    _check_procs(procs)
+    try:
+        max_bytes = hf_io.parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
+    model_io.check_output_apart(out, [mcore, config_dir])
     ckpt = model_io.resolve_checkpoint_dir(mcore)
+    inputs = [mcore, ckpt, config_dir]
+    model_io.check_output_apart(out, inputs)
     info = model_io.read_info(ckpt)
     config = load_hf_config(config_dir or info.hf_dir)
     args_from_hf_config(config)  # a config we cannot build fails here
-    max_bytes = hf_io.parse_size(max_shard_size)
-    staging = model_io.prepare_output(out, overwrite=overwrite)
-    try:
+    with _building(out, overwrite=overwrite, inputs=inputs) as staging:
         results = run_on_ranks(_mcore_to_hf_rank, procs, ckpt, config, staging, dtype, expert_layout, max_bytes,
                                progress)
         if "error" in results[0]:
@@ -268,10 +291,6 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
         model_io.copy_hf_side_files(info.hf_dir, staging)
         out_dtype = DTYPES[dtype] if dtype else getattr(torch, info.dtype)
         _write_config(os.path.join(staging, "config.json"), config, out_dtype)
-    except BaseException:
-        model_io.discard_output(staging)
-        raise
-    model_io.publish_output(staging, out)
     return results[0]
 
 

@@ -37,6 +37,31 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of non-negative ints, and data_offsets spanning exactly
+    the bytes that dtype and shape take (anything else would be read as another tensor's bytes, or fail later)."""
+    def bad(why: str) -> HFCheckpointError:
+        return HFCheckpointError(f"{path}: corrupt safetensors header: tensor {name} {why}. Copy or download the "
+                                 "file again.")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise bad("lacks dtype, shape or data_offsets")
+    if entry["dtype"] not in _DTYPES:
+        raise HFCheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}")
+    dtype = _DTYPES[entry["dtype"]]
+    need = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != need:
+        raise bad(f"has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes) while its shape {shape} of "
+                  f"{entry['dtype']} takes {need} bytes")
+    return TensorInfo(path.name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor infos of one safetensors file, after checking that the file holds all the bytes its header names."""
     size = path.stat().st_size
@@ -51,14 +76,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise HFCheckpointError(f"{path}: corrupt safetensors header ({e}).") from None
+    if not isinstance(header, dict):
+        raise HFCheckpointError(f"{path}: corrupt safetensors header (not a JSON object).")
     header.pop("__metadata__", None)
     out, end = {}, 0
     for name, entry in header.items():
-        if entry["dtype"] not in _DTYPES:
-            raise HFCheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
-        begin, stop = entry["data_offsets"]
-        out[name] = TensorInfo(path.name, _DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + begin, 8 + n + stop)
-        end = max(end, stop)
+        out[name] = info = _tensor_info(path, name, entry, 8 + n)
+        end = max(end, info.end - 8 - n)
     if 8 + n + end > size:
         raise HFCheckpointError(
             f"{path}: truncated: its header needs {8 + n + end} bytes, the file has {size}. Copy or download it again.")
@@ -122,17 +146,26 @@ class SafetensorsReader:
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '200KB' / bytes -> bytes (decimal units, as transformers' max_shard_size)."""
-    if isinstance(text, int):
-        return text
-    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    t = text.strip().upper()
-    for u, mult in units.items():
-        if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(u)]) * mult)
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"max shard size {text!r}: use a number of bytes or a size such as 5GB or 500MB.")
+    """'5GB' / '500MB' / '200KB' (decimal) / '5GiB' / '500MiB' (binary) / bytes -> a positive number of bytes,
+    the units transformers' max_shard_size takes; ValueError naming the accepted forms otherwise."""
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10,
+             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    value = None
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif isinstance(text, str):
+        t = text.strip().upper()
+        if t.isdigit():
+            value = int(t)
+        for u, mult in units.items():
+            number = t[: -len(u)].strip()
+            if value is None and t.endswith(u) and number.replace(".", "", 1).isdigit():
+                value = int(float(number) * mult)
+                break
+    if value is None or value <= 0:
+        raise ValueError(f"max shard size {text!r}: use a positive number of bytes or a size such as 5GB, 500MB "
+                         "or 4GiB.")
+    return value
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -152,8 +185,16 @@ def shard_file_name(i: int, n: int) -> str:
     return SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, with the mode any file the user creates gets (safetensors itself makes it 0600)."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_index(out_dir: str, shards: list[list[str]], total_bytes: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,12 +252,18 @@ def publish_output(staging: str, out: str) -> None:
         old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{os.getpid()}-{os.urandom(4).hex()}")
         if not os.path.lexists(old):
             break
-    os.rename(out, old)
+    # SIGTERM (SystemExit under the converters) between the renames would leave the old output renamed aside and
+    # nothing at `out`: it waits until both are done.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
+        os.rename(out, old)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     shutil.rmtree(old)
 
 

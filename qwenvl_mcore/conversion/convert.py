@@ -46,9 +46,11 @@ class ConversionError(ValueError):
     """Bad input for a conversion; the message names the problem."""
 
 
-def _check_procs(procs) -> None:
+def _check_args(procs, dtype) -> None:
     if type(procs) is not int or procs < 1:
         raise ConversionError(f"--procs {procs}: the number of processes must be at least 1.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}.")
 
 
 @contextlib.contextmanager
@@ -194,7 +196,9 @@ def _write_config(path: str, config: dict, dtype: torch.dtype) -> None:
 def hf_to_mcore(hf_dir: str, out: str, *, dtype: str | None = None, procs: int = 1, overwrite: bool = False,
                 progress: bool = True) -> dict:
     """Convert an HF Qwen3-VL MoE directory into a megatron checkpoint at `out` (see module docstring)."""
-    _check_procs(procs)
+    _check_args(procs, dtype)
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"--hf {hf_dir}: not a directory; pass the HF model directory.")
     model_io.check_output_apart(out, [hf_dir])
     config = load_hf_config(hf_dir)
     args = args_from_hf_config(config)
@@ -271,7 +275,7 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
 
     if expert_layout not in (RELEASED, TRANSFORMERS5):
         raise ConversionError(f"expert layout {expert_layout!r}: choose {RELEASED!r} or {TRANSFORMERS5!r}.")
-    _check_procs(procs)
+    _check_args(procs, dtype)
     try:
         max_bytes = hf_io.parse_size(max_shard_size)
     except ValueError as e:
@@ -299,7 +303,7 @@ def run_cli(convert, **kwargs) -> int:
     start = time.time()
     try:
         result = convert(**kwargs)
-    except (ConversionError, *USER_ERRORS) as e:
+    except (ConversionError, *USER_ERRORS, OSError) as e:  # OSError: e.g. an --out that cannot be made, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     result.update(out=kwargs["out"], seconds=round(time.time() - start, 2))

@@ -167,7 +167,9 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
 def test_killed_conversion_leaves_no_worker_and_a_rerun_succeeds(mcore, tmp_path, sig):
     """mcore2hf --procs 2 killed while both workers are mid-read (every data file of the checkpoint is a FIFO
     nobody writes, so they block there): the workers die with it, and the same command run again succeeds.
-    SIGTERM also removes the staging directory and exits 143."""
+    SIGTERM also removes the staging directory and exits 143. The converter runs with SIGINT ignored, as any
+    background job of a batch script does (`cmd &` without job control): torch's own parent-death signal for
+    its workers is SIGINT, which then does nothing."""
     src = tmp_path / "mcore"
     shutil.copytree(mcore, src)
     for f in src.glob("*.distcp"):
@@ -176,7 +178,8 @@ def test_killed_conversion_leaves_no_worker_and_a_rerun_succeeds(mcore, tmp_path
     out = tmp_path / "export"
     cmd = [sys.executable, str(ROOT / "tools/convert/mcore2hf.py"), "--mcore", str(src), "--out", str(out),
            "--procs", "2", "--max-shard-size", "300KB", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     pids = []
     try:
         parent = psutil.Process(proc.pid)
@@ -254,6 +257,24 @@ def test_bad_arguments_give_an_error_line(hf, mcore, tmp_path, capsys, tool, ext
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not out.exists() and not Path(staging_dir_for(str(out))).exists()
+
+
+def test_bad_paths_give_an_error_line(hf, mcore, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a model")
+    bad_json = tmp_path / "config.json"
+    bad_json.write_text("{bad")
+    cases = [
+        ("hf2mcore", ["--hf", str(afile), "--out", str(tmp_path / "o")], f"--hf {afile}: not a directory"),
+        ("mcore2hf", ["--mcore", str(mcore), "--config", str(bad_json), "--out", str(tmp_path / "o")],
+         f"{bad_json}: not a JSON config"),
+        ("mcore2hf", ["--mcore", str(mcore), "--out", str(afile / "sub")], str(afile)),  # cannot be created
+    ]
+    for tool, args, message in cases:
+        assert _tool(tool)([*args, "--no-progress"]) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert afile.read_text() == "not a model" and not (tmp_path / "o").exists()
 
 
 def test_header_whose_offsets_disagree_with_the_shape_names_file_and_tensor(hf, tmp_path, capsys):

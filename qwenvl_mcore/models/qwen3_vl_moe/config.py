@@ -208,9 +208,15 @@ def load_hf_config(path: str | Path) -> dict:
     if p.is_dir():
         p = p / "config.json"
     if not p.exists():
-        raise ModelConfigError(f"{p}: no config.json; pass an HF model directory.")
-    with open(p) as f:
-        return json.load(f)
+        raise ModelConfigError(f"{p} does not exist; pass an HF model directory (with its config.json).")
+    try:
+        with open(p) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"{p}: not a JSON config ({e}); pass an HF model directory or its config.json.") from None
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{p}: not a JSON object; pass an HF model directory or its config.json.")
+    return config
 
 
 def released_config_dict(config) -> dict:

@@ -35,7 +35,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.config import (
     released_config_dict,
 )
 from qwenvl_mcore.models.qwen3_vl_moe.hf_mapping import Context, rules_for
-from qwenvl_mcore.parallel.spawn import run_on_ranks, sigterm_as_exit
+from qwenvl_mcore.parallel.spawn import SIGTERM_EXIT_CODE, run_on_ranks, sigterm_as_exit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 USER_ERRORS = (model_io.CheckpointError, hf_io.HFCheckpointError, ModelConfigError, LayoutMismatch,
@@ -285,6 +285,7 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
     inputs = [mcore, ckpt, config_dir]
     model_io.check_output_apart(out, inputs)
     info = model_io.read_info(ckpt)
+    tensor_metadata(ckpt)  # a refused pickle or a missing/truncated data file fails here, before any worker starts
     config = load_hf_config(config_dir or info.hf_dir)
     args_from_hf_config(config)  # a config we cannot build fails here
     with _building(out, overwrite=overwrite, inputs=inputs) as staging:
@@ -299,13 +300,20 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
 
 
 def run_cli(convert, **kwargs) -> int:
-    """What both converter scripts do: run, print the result as one JSON line, or a clean error (exit 1)."""
+    """What both converter scripts do: run, print the result as one JSON line, or a clean error (exit 1; 143
+    when stopped by SIGTERM)."""
     start = time.time()
     try:
         result = convert(**kwargs)
     except (ConversionError, *USER_ERRORS, OSError) as e:  # OSError: e.g. an --out that cannot be made, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SystemExit as e:
+        if e.code != SIGTERM_EXIT_CODE:
+            raise
+        print(f"error: stopped by SIGTERM; nothing was written to {kwargs['out']} (run the command again)",
+              file=sys.stderr)
+        return SIGTERM_EXIT_CODE
     result.update(out=kwargs["out"], seconds=round(time.time() - start, 2))
     print(json.dumps(result))
     return 0

@@ -109,6 +109,7 @@ def test_overwrite_replaces_only_the_old_output(mcore, tmp_path):
     assert not (out / STAGING_MARKER).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "export.old"]
     assert _normal_modes(out) == []  # item 16: safetensors and the directory get the umask's modes, not 0600/0700
+    assert _normal_modes(mcore) == []  # and hf2mcore's output too
 
 
 def test_staging_directory_not_made_by_us_is_refused(mcore, tmp_path, capsys):
@@ -178,7 +179,7 @@ def test_killed_conversion_leaves_no_worker_and_a_rerun_succeeds(mcore, tmp_path
     out = tmp_path / "export"
     cmd = [sys.executable, str(ROOT / "tools/convert/mcore2hf.py"), "--mcore", str(src), "--out", str(out),
            "--procs", "2", "--max-shard-size", "300KB", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     pids = []
     try:
@@ -196,7 +197,7 @@ def test_killed_conversion_leaves_no_worker_and_a_rerun_succeeds(mcore, tmp_path
         code = proc.wait(timeout=30)
         assert _gone(pids, timeout=5) == [], "workers outlived the converter"
         if sig == signal.SIGTERM:
-            assert code == 143
+            assert code == 143 and "error: stopped by SIGTERM; nothing was written" in proc.stderr.read()
             assert not Path(staging_dir_for(str(out))).exists() and not Path(locking.lock_path_for(str(out))).exists()
     finally:
         for pid in pids:  # only if the check above failed: do not leave blocked processes behind

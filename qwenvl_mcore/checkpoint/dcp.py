@@ -39,6 +39,8 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from qwenvl_mcore.checkpoint.safe_unpickle import SafeFileSystemReader, checkpoint_errors
+
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron's ShardedObject("common_state", ..., (1,), (0,)).unique_key
 
@@ -118,8 +120,9 @@ def write_chunks(out_dir: str, chunks: Sequence[tuple[Chunk, Callable[[], torch.
 
 
 def read_metadata(ckpt_dir: str) -> Metadata:
-    """The DCP metadata of a checkpoint: every stored tensor's global shape, dtype and chunks."""
-    return dcp.FileSystemReader(ckpt_dir).read_metadata()
+    """The DCP metadata of a checkpoint: every stored tensor's global shape, dtype and chunks. Read through the
+    allow-list, after checking that its data files are all there (safe_unpickle); CheckpointError otherwise."""
+    return SafeFileSystemReader(ckpt_dir).read_metadata()
 
 
 def tensor_metadata(ckpt_dir: str) -> dict[str, TensorStorageMetadata]:
@@ -182,5 +185,7 @@ def read_regions(ckpt_dir: str, requests: Sequence[tuple[str, tuple[int, ...], t
         dests[(key, tuple(offsets))] = t
         out.append(t)
     if dests:
-        dcp.load({}, storage_reader=dcp.FileSystemReader(ckpt_dir), planner=_RegionLoadPlanner(dests), no_dist=True)
+        with checkpoint_errors(ckpt_dir):
+            dcp.load({}, storage_reader=SafeFileSystemReader(ckpt_dir), planner=_RegionLoadPlanner(dests),
+                     no_dist=True)
     return out

@@ -23,17 +23,15 @@ from pathlib import Path
 
 import torch
 
+from qwenvl_mcore.checkpoint import safe_unpickle
 from qwenvl_mcore.checkpoint.dcp import Chunk, tensor_metadata
+from qwenvl_mcore.checkpoint.errors import CheckpointError  # noqa: F401 - defined there, used here and by callers
 
 FORMAT_VERSION = 1
 META_FILE = "qwenvl_mcore.json"
 HF_SUBDIR = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -176,8 +174,10 @@ def load_model(ckpt_dir: str, chunks) -> None:
     sd = model_sharded_state_dict(chunks)
     expected = [Chunk(sh.key, tuple(sh.global_shape), sh.dtype, (), ()) for part in sd.values()
                 for _, sh in _sharded_tensors(part)]
-    check_fits(ckpt_dir, expected)
-    loaded = dist_checkpointing.load(sd, ckpt_dir)
+    check_fits(ckpt_dir, expected)  # reads the metadata through the allow-list and checks the data files first
+    safe_unpickle.install()
+    with safe_unpickle.checkpoint_errors(ckpt_dir):
+        loaded = dist_checkpointing.load(sd, ckpt_dir)
     parts = [loaded["model"]] if len(chunks) == 1 else [loaded[f"model{i}"] for i in range(len(chunks))]
     for chunk, state in zip(chunks, parts):
         missing, unexpected = chunk.load_state_dict(state, strict=False)

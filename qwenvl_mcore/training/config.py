@@ -96,6 +96,7 @@ class CheckpointConf:
     every: int = 0  # save every N steps (0: only at the end, on SIGTERM and when stopping on bad steps)
     keep: int = 3  # newest step directories kept
     resume: bool = True  # continue from dir/latest when it exists
+    fallback: bool = False  # latest damaged (truncated, garbage, refused): resume from the newest intact checkpoint
 
 
 @dataclass

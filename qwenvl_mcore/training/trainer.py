@@ -146,9 +146,129 @@ def freeze(chunks: list, cfg: DictConfig) -> dict[str, int]:
     return trainable
 
 
-def build_run(cfg: DictConfig) -> Run:
+@dataclass
+class RunStart:
+    """What a run settles before it builds anything: the locks on its directories (held by rank 0 for the run's
+    life), the checkpoint it resumes from and that checkpoint's step."""
+
+    locks: list
+    resume_from: str | None = None
+    resume_step: int | None = None
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+
+def start_run(cfg: DictConfig) -> RunStart:
+    """Start the process group; rank 0 takes the run's lock (a second run on the same trainer.dir is refused
+    naming the first), removes what killed saves left in checkpoint.dir and chooses the checkpoint to resume
+    from. A refusal reaches every rank as the same error (ConfigError / CheckpointError: exit 2)."""
+    init_distributed(layout_of(cfg), seed=cfg.trainer.seed)
+    locks, outcome, original = [], None, None
+    if dist.get_rank() == 0:
+        try:
+            locks = _lock_run_dirs(cfg)
+            removed = manager.remove_stale_staging(cfg.checkpoint.dir)
+            if removed:
+                print(f"[train] removed what killed saves left in {cfg.checkpoint.dir}: {', '.join(removed)}",
+                      flush=True)
+            outcome = _choose_resume(cfg)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+            original = e
+            known = isinstance(e, (ConfigError, model_io.CheckpointError))
+            outcome = e if known else RuntimeError(f"rank 0 failed to start the run: {type(e).__name__}: {e}")
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    outcome = box[0]
+    if isinstance(outcome, BaseException):
+        for lock in locks:
+            lock.release()
+        raise original or outcome
+    return RunStart(locks, *outcome)
+
+
+def _lock_run_dirs(cfg: DictConfig) -> list:
+    """Locks on trainer.dir, and on checkpoint.dir when it lies elsewhere (locking.lock_path_for: the same lock
+    a converter writing there takes)."""
+    from qwenvl_mcore.checkpoint import locking
+
+    run_dir = os.path.abspath(cfg.trainer.dir)
+    dirs = [run_dir]
+    ckpt_dir = os.path.abspath(cfg.checkpoint.dir)
+    if not ckpt_dir.startswith(run_dir.rstrip(os.sep) + os.sep):
+        dirs.append(ckpt_dir)
+    locks = []
+    try:
+        for d in dirs:
+            locks.append(locking.PathLock(locking.lock_path_for(d), target=d).acquire())
+    except locking.LockHeld as e:
+        for lock in locks:
+            lock.release()
+        raise ConfigError(f"another run is using this run's directory: {e}") from None
+    return locks
+
+
+def verify_training_checkpoint(ckpt: str) -> int:
+    """The step of training checkpoint `ckpt` after checking what can be checked without loading the tensors:
+    its description, its metadata and data files (complete, through the pickle allow-list) and its common state.
+    CheckpointError naming the file otherwise."""
+    from megatron.core import dist_checkpointing
+
+    from qwenvl_mcore.checkpoint import dcp, safe_unpickle
+
+    try:
+        model_io.read_info(ckpt)
+    except ValueError as e:  # CheckpointError, or a damaged qwenvl_mcore.json
+        raise model_io.CheckpointError(f"{os.path.join(ckpt, model_io.META_FILE)}: {e}") from None
+    dcp.read_metadata(ckpt)
+    safe_unpickle.install()
+    with safe_unpickle.checkpoint_errors(ckpt):
+        common = dist_checkpointing.load_common_state_dict(ckpt)
+    saved = common.get("training") if isinstance(common, dict) else None
+    if saved is None:
+        raise model_io.CheckpointError(f"{ckpt} holds no training state (a converted checkpoint?): start from it with "
+                                       "model.init_from=... instead, or point checkpoint.dir elsewhere.")
+    return int(saved["trainer"]["step"])
+
+
+def _choose_resume(cfg: DictConfig) -> tuple[str | None, int | None]:
+    """(checkpoint, step) to resume from: checkpoint.dir's latest, verified; when it is damaged, the newest intact
+    step directory if checkpoint.fallback=true, else an error naming the damage and that override."""
+    if not cfg.checkpoint.resume:
+        return None, None
+    save_root = cfg.checkpoint.dir
+    try:
+        latest = manager.latest_checkpoint(save_root)
+        if latest is None:
+            return None, None
+        return latest, verify_training_checkpoint(latest)
+    except model_io.CheckpointError as e:
+        damage = e
+    intact = None
+    for name in reversed(manager.step_dirs(save_root)):
+        try:
+            intact = (os.path.join(save_root, name), verify_training_checkpoint(os.path.join(save_root, name)))
+            break
+        except model_io.CheckpointError:
+            continue
+    if not cfg.checkpoint.fallback:
+        hint = (f" The newest intact checkpoint is {intact[0]} (step {intact[1]}): pass checkpoint.fallback=true to "
+                "resume from it." if intact else
+                " No other checkpoint there is intact: start afresh with checkpoint.resume=false (or another "
+                "checkpoint.dir).")
+        raise model_io.CheckpointError(f"cannot resume: {damage}{hint}")
+    if intact is None:
+        raise model_io.CheckpointError(f"cannot resume: {damage} checkpoint.fallback=true, but no other checkpoint in "
+                                       f"{save_root} is intact: start afresh with checkpoint.resume=false.")
+    print(f"[train] warning: {damage} checkpoint.fallback=true: resuming from {intact[0]} (step {intact[1]}).",
+          flush=True)
+    return intact
+
+
+def build_run(cfg: DictConfig, start: RunStart) -> Run:
+    """Everything the run needs (start_run has started the process group and chosen the checkpoint)."""
     layout = layout_of(cfg)
-    init_distributed(layout, seed=cfg.trainer.seed)
     args, source_hf_dir, init_ckpt = model_source(cfg)
     layout.validate(world_size=dist.get_world_size(), model=args)
     hf_dir = _prepare_hf_dir(cfg, args, source_hf_dir)
@@ -158,7 +278,7 @@ def build_run(cfg: DictConfig) -> Run:
                           "set optim.cpu_offload=false.")
     chunks = build_model_chunks(args, layout, dtype=DTYPES[cfg.model.dtype], aux_loss_coeff=cfg.model.aux_loss_coeff,
                                 **_recompute_overrides(cfg))
-    resume_from = manager.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+    resume_from = start.resume_from
     if init_ckpt is not None and resume_from is None:
         model_io.load_model(init_ckpt, chunks)
     freeze(chunks, cfg)
@@ -215,7 +335,11 @@ def load_training_checkpoint(run: Run, ckpt: str) -> None:
     """Model, optimizer (any layout), scheduler, data position; RNG states when the layout is unchanged."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(ckpt)
+    from qwenvl_mcore.checkpoint import safe_unpickle
+
+    safe_unpickle.install()
+    with safe_unpickle.checkpoint_errors(ckpt):
+        common = dist_checkpointing.load_common_state_dict(ckpt)
     saved = common.get("training")
     if saved is None:
         raise model_io.CheckpointError(f"{ckpt} holds no training state (a converted checkpoint?): start from it with "
@@ -223,7 +347,18 @@ def load_training_checkpoint(run: Run, ckpt: str) -> None:
     same_layout = saved["layout"] == run.layout.as_dict() and saved["world_size"] == dist.get_world_size()
     allocate_optimizer_state(run.optimizer)
     state = _sharded_training_state(run, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(state, ckpt)
+    refusal = None
+    try:
+        with safe_unpickle.checkpoint_errors(ckpt):
+            loaded = dist_checkpointing.load(state, ckpt)
+    except model_io.CheckpointError as e:
+        refusal = str(e)
+    # each rank reads its own objects (its RNG state): one refusing must stop every rank, not leave them waiting
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, refusal)
+    refusal = next((r for r in everyone if r is not None), None)
+    if refusal is not None:
+        raise model_io.CheckpointError(refusal)
     chunks = [unwrap(c) for c in run.chunks]
     for i, chunk in enumerate(chunks):
         part = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
@@ -340,7 +475,20 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
     """Run (or resume) the training run `cfg` on this rank; returns COMPLETED, PREEMPTED or BAD_STEPS.
     `train_dataset`/`valid_dataset` replace the configured data (tests, notebooks)."""
     stop = StopSignal(early_signals)
-    run = build_run(cfg)
+    start = start_run(cfg)
+    if start.resume_step is not None and start.resume_step >= cfg.trainer.steps:
+        start.release()
+        stop.restore()
+        if dist.get_rank() == 0:
+            print(f"[train] {cfg.trainer.name} is complete: {start.resume_from} is at step {start.resume_step} "
+                  f"(trainer.steps={cfg.trainer.steps}); nothing to do. Raise trainer.steps to train further.",
+                  flush=True)
+        return COMPLETED
+    try:
+        run = build_run(cfg, start)
+    except BaseException:
+        start.release()
+        raise
     train_ds, valid_ds = build_datasets(run)
     train_ds, valid_ds = train_dataset or train_ds, valid_dataset or valid_ds
     micro_per_rank = data_parallel_microbatches(cfg, parallel_state.get_data_parallel_world_size())
@@ -391,6 +539,7 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                                        "(logging.sample_ids=true lists them) or lower optim.lr."}[status])
     finally:
         stop.restore()
+        start.release()
         if writer:
             writer.close()
     return status

@@ -111,11 +111,14 @@ SKIP_EXTRA = ["data.shuffle=false", "optim.schedule=cosine", "optim.min_lr=3e-4"
 
 
 def guard_checks(rank: int, world: int, work: str, init: str) -> dict:
-    """Checks 1-3 in one launch; a check that raises is returned as its traceback under "<check>_error" and the
+    """Checks 1-3 and 5 (_checkpoint_checks.py) in one launch; a check that raises is returned as its traceback under "<check>_error" and the
     next one still runs (a failure on one rank only would leave the others waiting in a collective until gloo's
     timeout; the failures met so far happen on every rank at the same point)."""
+    from _checkpoint_checks import checkpoint_checks  # it imports this module's helpers
+
     out = {"seconds": {}}
-    for name, check in (("skip", _skip_check), ("stop", _stop_check), ("frozen", _frozen_check)):
+    for name, check in (("skip", _skip_check), ("stop", _stop_check), ("frozen", _frozen_check),
+                        ("checkpoints", checkpoint_checks)):
         start = time.perf_counter()
         try:
             out.update(check(rank, work, init))

@@ -6,9 +6,13 @@
 - K skipped steps in a row stop the run with "bad_steps" and a checkpoint holding the last good (here: initial)
   weights;
 - model.freeze_vision and optim.merger_lr=0: the ViT and the mergers stay bit for bit, the LLM trains;
-- activation recompute (full, selective) changes neither loss, aux loss nor grad norm (one rank).
+- activation recompute (full, selective) changes neither loss, aux loss nor grad norm (one rank);
+- checkpoints and the run directory (tests/multirank/_checkpoint_checks.py): a second run on a trainer.dir in use
+  is refused; leftovers of killed saves are removed; a finished run exits at once; `latest` never names a missing
+  directory; a damaged newest checkpoint is named (checkpoint.fallback=true resumes from an intact one); a full
+  disk is named and its partial save removed; crafted pickles in a checkpoint are refused, never run.
 
-Two launches (tests/multirank/_guard_checks.py): one at DP2 runs the first three checks, one rank the last; the
+Two launches (tests/multirank/_guard_checks.py): one at DP2 runs checks 1-3 and 5, one rank check 4; the
 tests assert on the numbers they return.
 """
 
@@ -186,3 +190,89 @@ def test_recompute_changes_no_loss_or_gradient(recompute):
             rel = max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(ours, ref, strict=True))
             worst[(mode, key)] = rel
     assert all(v <= RECOMPUTE_REL_TOL for v in worst.values()), worst
+
+
+# -- 5. checkpoints and the run directory (issue 16 items 5-9, 11) -----------------------------------------------
+def _checkpoints(guards, *steps: str) -> list[dict]:
+    """The launch's results once the check ran and its `steps` (_checkpoint_checks.checkpoint_checks) raised
+    nothing."""
+    _no_error(guards, "checkpoints")
+    for step in steps:
+        _no_error(guards, f"ck_{step}")
+    return guards
+
+
+def test_second_run_on_a_trainer_dir_in_use_is_refused_on_every_rank(guards):
+    """Rank 0 holds the run directory's lock: train() raises on both ranks (exit 2: ConfigError) naming the
+    holder's pid and host, and writes nothing."""
+    r0, r1 = _checkpoints(guards, "lock")
+    for r in (r0, r1):
+        assert r["lock_error"] and r["lock_error"].startswith("ConfigError: "), r["lock_error"]
+        assert f"pid {r0['lock_pid']} on {r0['lock_host']}" in r["lock_error"], r["lock_error"]
+        assert r["lock_wrote"] is False
+
+
+def test_leftovers_of_killed_saves_are_removed(guards):
+    """`.step_N.incomplete` and `.step_N.old-*` directories under checkpoint.dir are gone after a run starts;
+    names not of that form are kept."""
+    r0 = _checkpoints(guards, "base")[0]
+    assert r0["base_status"] == "completed"
+    assert r0["base_listing"] == [".step_keep.incomplete", "latest", "notes", "step_0000001", "step_0000002"]
+
+
+def test_finished_run_exits_at_once_without_saving(guards):
+    """The same command again after the run reached trainer.steps: "completed" on every rank, the checkpoint's
+    files untouched (same inode and mtime) and no step logged."""
+    guards = _checkpoints(guards, "base", "finished")
+    assert [r["finished_status"] for r in guards] == ["completed", "completed"]
+    assert [r["finished_same"] for r in guards] == [True, True]
+
+
+def test_latest_never_names_a_missing_directory(guards):
+    """A fresh start (checkpoint.resume=false) replacing step 2, which `latest` names: after each rename of the
+    save `latest` names an existing directory, and finally the new step 2."""
+    r0 = _checkpoints(guards, "base", "fresh")[0]
+    assert r0["fresh_status"] == "completed"
+    assert r0["fresh_renames"], "the save renamed nothing"
+    assert [x for x in r0["fresh_renames"] if not x[2]] == [], r0["fresh_renames"]
+    assert r0["fresh_latest"] == "step_0000002"
+
+
+def test_damaged_newest_checkpoint_is_named_and_fallback_resumes(guards):
+    """A truncated data file or a garbage .metadata in the newest checkpoint: a CheckpointError (exit 2) on every
+    rank naming the file and the override checkpoint.fallback=true; with it the run resumes from step 1."""
+    guards = _checkpoints(guards, "base", "damaged")
+    for r in guards:
+        assert r["truncated_error"].startswith("CheckpointError: "), r["truncated_error"]
+        assert "step_0000002/__0_0.distcp is truncated" in r["truncated_error"], r["truncated_error"]
+        assert r["garbage_error"].startswith("CheckpointError: "), r["garbage_error"]
+        assert "step_0000002/.metadata is damaged" in r["garbage_error"], r["garbage_error"]
+        for key in ("truncated_error", "garbage_error"):
+            assert "step_0000001 (step 1): pass checkpoint.fallback=true" in r[key], r[key]
+        assert r["fallback_status"] == "completed"
+    assert guards[0]["fallback_steps"] == [2, 3]
+    assert guards[0]["fallback_listing"] == ["latest", "step_0000001", "step_0000002", "step_0000003"]
+
+
+def test_full_disk_during_a_save_is_named_and_the_partial_save_removed(guards):
+    """ENOSPC in one rank's writer: every rank raises a CheckpointError naming ENOSPC and the checkpoint
+    directory; no step directory and no partial `.step_N.incomplete` remains."""
+    guards = _checkpoints(guards, "enospc")
+    for r in guards:
+        assert r["enospc_error"].startswith("CheckpointError: "), r["enospc_error"]
+        assert "(ENOSPC)" in r["enospc_error"] and "ck_full/checkpoints" in r["enospc_error"], r["enospc_error"]
+    assert guards[0]["enospc_listing"] == []
+
+
+def test_crafted_pickles_in_a_checkpoint_are_refused_not_run(guards):
+    """model.init_from with a crafted .metadata, and a resume from a checkpoint with a crafted .metadata, legacy
+    common.pt or RNG ShardedObject: a CheckpointError on every rank naming the file and the refused global
+    (os.system); no marker file was created."""
+    guards = _checkpoints(guards, "base", "unsafe")
+    where = {"init_metadata": "evil_init/.metadata", "metadata": "step_0000002/.metadata",
+             "common": "step_0000002/common.pt", "rng": "step_0000002/__crafted.distcp (object rng_state/"}
+    for r in guards:
+        for kind, error in r["unsafe_errors"].items():
+            assert error and error.startswith("CheckpointError: "), (kind, error)
+            assert where[kind] in error and "posix.system" in error and "refused" in error, (kind, error)
+        assert r["unsafe_markers"] == []

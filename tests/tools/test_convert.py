@@ -267,6 +267,41 @@ def test_existing_output_is_refused_without_overwrite(hf, converted, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+class _Payload:
+    """Unpickling this runs `touch <marker>`: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["crafted_metadata", "truncated_data"])
+def test_mcore2hf_refuses_a_crafted_or_damaged_checkpoint(converted, tmp_path, damage):
+    """A .metadata whose unpickling would run a command is refused naming the file and the global (the command
+    does not run); a truncated data file is named; no output either way."""
+    import pickle
+    import shutil
+
+    ckpt = tmp_path / "mcore"
+    shutil.copytree(converted["released"], ckpt)
+    marker = tmp_path / "PWNED"
+    if damage == "crafted_metadata":
+        (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+        expected = [f"{ckpt}/.metadata names posix.system", "refused"]
+    else:
+        data = sorted(ckpt.glob("*.distcp"))[-1]
+        os.truncate(data, data.stat().st_size // 2)
+        expected = [f"data file {data} is truncated"]
+    out = tmp_path / "hf"
+    proc = _run("mcore2hf.py", "--mcore", ckpt, "--out", out, expect_ok=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and all(e in proc.stderr for e in expected), proc.stderr[-3000:]
+    assert not marker.exists()
+    assert not out.exists() and not Path(staging_dir_for(str(out))).exists()
+
+
 def test_truncation_is_found_from_the_header_alone(tmp_path):
     """The header check catches a file cut anywhere in its data, without reading the tensors."""
     from qwenvl_mcore.conversion.hf_io import HFCheckpointError, read_safetensors_header

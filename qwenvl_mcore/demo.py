@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--samples", type=int, default=64)
     opts = parser.parse_args(argv)
+    from qwenvl_mcore import library_noise
+
+    library_noise.install()  # the tiny model's build loads megatron: its known notices stay off the console
     from qwenvl_mcore.data.sample_data import write_sample_dataset
     from qwenvl_mcore.testing import tiny
 

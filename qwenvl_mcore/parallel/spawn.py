@@ -49,6 +49,9 @@ def die_with_parent(parent_pid: int) -> None:
 def _worker(rank: int, world_size: int, port: int, out_dir: str, parent_pid: int, fn: Callable, args: tuple,
             kwargs: dict) -> None:
     die_with_parent(parent_pid)
+    from qwenvl_mcore import library_noise
+
+    library_noise.install()  # a spawned interpreter starts afresh: keep the libraries' known notices off again
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

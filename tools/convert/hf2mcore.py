@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
+    from qwenvl_mcore import library_noise
+
+    library_noise.install()  # before torch and megatron load: known library notices stay off the console
     from qwenvl_mcore.conversion.convert import hf_to_mcore, run_cli
 
     return run_cli(hf_to_mcore, hf_dir=a.hf, out=a.out, dtype=a.dtype, procs=a.procs, overwrite=a.overwrite,

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
+    from qwenvl_mcore import library_noise
+
+    library_noise.install()  # before torch and megatron load: known library notices stay off the console
     from qwenvl_mcore.conversion.convert import mcore_to_hf, run_cli
 
     return run_cli(mcore_to_hf, mcore=a.mcore, out=a.out, config_dir=a.config, dtype=a.dtype,

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from qwenvl_mcore.data.build import render_options
 from qwenvl_mcore.data.mixing import dataset_specs
 from qwenvl_mcore.parallel.layout import ParallelLayout
 from qwenvl_mcore.training.setup import OptimSettings
@@ -191,21 +192,19 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}.")
-    for key in ("trainer.steps", "data.num_samples", "data.seq_length", "data.global_batch_size",
-                "data.micro_batch_size", "checkpoint.keep", "logging.every", "trainer.max_consecutive_skips"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be at least 1.")
+    _check_numbers(cfg)
     if cfg.data.packing and cfg.data.micro_batch_size != 1:
         raise ConfigError(f"data.packing=true makes each micro-batch one packed sequence of data.seq_length tokens: "
                           f"set data.micro_batch_size=1 (got {cfg.data.micro_batch_size}) or data.packing=false.")
-    if cfg.data.num_workers < 0 or cfg.data.prefetch < 1:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 and data.prefetch="
-                          f"{cfg.data.prefetch} >= 1.")
     for key in ("train", "valid"):
         try:
             dataset_specs(OmegaConf.to_container(cfg.data)[key], f"data.{key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    try:  # pixel budgets, frame counts, video_fps, train_on: checked now, not when the first worker renders
+        render_options(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.global_batch_size % cfg.data.micro_batch_size:
         raise ConfigError(
             f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of data.micro_batch_size="
@@ -216,6 +215,66 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from None
     if cfg.model.freeze_vision and cfg.model.freeze_merger and cfg.model.freeze_language:
         raise ConfigError("model.freeze_vision, freeze_merger and freeze_language are all true: nothing would train.")
+
+
+# Numeric keys and what they must be: at least 1 (counts), at least 0 (0 meaning "off" or "none"), or, for floats,
+# finite and non-negative / positive. Each message says what the value means, so the fix is clear.
+_AT_LEAST_1 = ("trainer.steps", "data.num_samples", "data.seq_length", "data.global_batch_size",
+               "data.micro_batch_size", "checkpoint.keep", "logging.every", "trainer.max_consecutive_skips",
+               "trainer.eval_batches", "model.recompute_num_layers", "data.prefetch")
+_AT_LEAST_0 = {"checkpoint.every": "0 saves only at the end", "trainer.eval_every": "0 never validates",
+               "data.valid_samples": "0: no synthetic validation set", "data.num_workers": "0 renders in the trainer",
+               "optim.warmup_steps": "0: no warmup", "data.seed": "numpy seeds are non-negative",
+               "trainer.seed": "numpy seeds are non-negative"}
+_NON_NEGATIVE_FLOATS = ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad", "optim.vision_lr",
+                        "optim.merger_lr", "model.aux_loss_coeff")
+_POSITIVE_FLOATS = ("optim.adam_eps", "data.frames_fps", "logging.peak_tflops")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Counts, rates and learning rates that cannot work (negative, zero where it means nothing, NaN/inf)."""
+    import math
+
+    for key in _AT_LEAST_1:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be at least 1.")
+    for key, meaning in _AT_LEAST_0.items():
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be 0 or more ({meaning}).")
+    for key in _NON_NEGATIVE_FLOATS + _POSITIVE_FLOATS:
+        value = OmegaConf.select(cfg, key)
+        if value is None:  # optional keys: unset means "the default"
+            continue
+        positive = key in _POSITIVE_FLOATS
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ConfigError(f"{key}={value}: must be a finite number {'above 0' if positive else '>= 0'}.")
+    for key in ("optim.adam_beta1", "optim.adam_beta2"):
+        value = OmegaConf.select(cfg, key)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value}: Adam's betas lie in [0, 1) (typical: 0.9 and 0.95).")
+    o = cfg.optim
+    if o.schedule != "constant" and o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays from optim.lr to "
+                          "optim.min_lr; lower optim.min_lr.")
+    if o.decay_steps is not None:
+        if o.decay_steps < 1:
+            raise ConfigError(f"optim.decay_steps={o.decay_steps}: must be at least 1, or null (the run's "
+                              "trainer.steps).")
+        if o.warmup_steps >= o.decay_steps:
+            raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is not shorter than optim.decay_steps="
+                              f"{o.decay_steps}: the schedule warms up, then decays; lower optim.warmup_steps or "
+                              "raise optim.decay_steps.")
+
+
+def config_notes(cfg: DictConfig) -> list[str]:
+    """Settings that are valid but probably not meant, for the run's start-up message. A warmup longer than the run
+    is one: it is not an error, so that a short test run (trainer.steps=3) of a preset keeps working."""
+    notes = []
+    if cfg.optim.warmup_steps >= cfg.trainer.steps:
+        notes.append(f"optim.warmup_steps={cfg.optim.warmup_steps} is not shorter than the run (trainer.steps="
+                     f"{cfg.trainer.steps}): the LR stays in warmup and never reaches optim.lr={cfg.optim.lr}; "
+                     f"set optim.warmup_steps below {cfg.trainer.steps} (e.g. optim.warmup_steps=0) to train at it.")
+    return notes
 
 
 def layout_of(cfg: DictConfig) -> ParallelLayout:
@@ -236,5 +295,5 @@ def data_parallel_microbatches(cfg: DictConfig, dp: int) -> int:
     return cfg.data.global_batch_size // per_step
 
 
-__all__ = ["ConfigError", "TrainConfig", "compose", "validate", "layout_of", "optim_settings_of",
+__all__ = ["ConfigError", "TrainConfig", "compose", "config_notes", "validate", "layout_of", "optim_settings_of",
            "data_parallel_microbatches"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,27 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def single_rank_environment() -> bool:
+    """Started without torchrun (`python -m qwenvl_mcore.train`): neither RANK nor WORLD_SIZE is set, so run as the
+    one rank of a one-rank world (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1, a free MASTER_PORT;
+    values already set are kept). Returns whether it did; a partial torchrun environment is left to torch."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return False
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the store binds it again right after
+            s.bind((os.environ["MASTER_ADDR"], 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    return True
+
+
 def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int = 600) -> None:
     """Start the process group (nccl + gloo on GPU, gloo on CPU) and megatron's parallel state for `layout`.
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our test launcher) when the process group is not
-    started yet. The layout is validated against the world size first.
+    started yet; without them, one rank (:func:`single_rank_environment`). The layout is validated against the world
+    size first.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -38,6 +55,7 @@ def init_distributed(layout: ParallelLayout, *, seed: int = 1234, timeout_s: int
         cpu_compat.apply()
     cpu_compat.apply_torch_adam_fix()
     if not dist.is_initialized():
+        single_rank_environment()
         # On the GPU, NCCL for CUDA tensors and gloo for the small host-side reductions (token counts, routing
         # statistics, data-skip reports), which NCCL cannot take; megatron's groups inherit both.
         dist.init_process_group(

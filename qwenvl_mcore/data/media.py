@@ -228,7 +228,7 @@ def _load_pyav(ref: MediaRef, choose_frames: ChooseFrames, what: str) -> tuple[n
                 total = sum(1 for packet in container.demux(stream) if packet.size)
     except SkipSample:
         raise
-    except (av.FFmpegError, OSError, ValueError, EOFError, IndexError) as exc:
+    except Exception as exc:  # PyAV raises FFmpegError, OSError, ValueError, EOFError, IndexError, ... per file
         raise SkipSample("corrupt_video", f"cannot open video {what}: {type(exc).__name__}: {exc}") from exc
     if total <= 0:
         raise SkipSample("corrupt_video", f"video has no frames: {what}")
@@ -252,7 +252,7 @@ def _load_pyav(ref: MediaRef, choose_frames: ChooseFrames, what: str) -> tuple[n
                     kept[i] = frame.to_ndarray(format="rgb24", threads=1)
                 if i >= last:
                     break
-    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # as above: whatever one file makes the decoder raise is that file's problem
         raise SkipSample(
             "corrupt_video", f"decoding failed after {decoded} frames of {what}: {type(exc).__name__}: {exc}"
         ) from exc

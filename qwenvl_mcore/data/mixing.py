@@ -144,3 +144,6 @@ class MixedDataset:
             if self.strict:
                 raise DataError(f"data.strict=true: {skip} (set data.strict=false to skip bad samples)") from None
             return skip
+        except Exception as e:  # not the data's fault (a bug): raised as is, saying which sample it was rendering
+            e.add_note(f"while reading entry {index} at {self.location(index)}")
+            raise

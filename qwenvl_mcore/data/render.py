@@ -141,8 +141,9 @@ class Renderer:
 
         Raises ``SkipSample`` (with ``location`` set) for bad media (see :mod:`~qwenvl_mcore.data.media`), a media
         count that differs from the image/video parts (``media_mismatch``), assistant headers in the token ids that do
-        not match the assistant messages (``bad_record``: message text holding chat special tokens), or nothing to
-        train on (``no_labels``).
+        not match the assistant messages (``bad_record``: message text holding chat special tokens), nothing to
+        train on (``no_labels``), or any exception of the chat template or the processor (``processor_error``, its
+        type and message in the detail, e.g. an image with an aspect ratio above 200).
         """
         try:
             return self._render(conv, index, location)
@@ -172,22 +173,27 @@ class Renderer:
             videos.append(frames)
             metadata.append(meta)
 
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        text = collapse_video_wrappers(text, self.processor)
-        kwargs: dict[str, Any] = {}
-        if images:
-            kwargs["images"] = images
-            if self._images_kwargs:
-                kwargs["images_kwargs"] = dict(self._images_kwargs)
-        if videos:
-            kwargs["videos"] = videos
-            # Frames are already the sampled ones: keep them all, and stamp times from their original indices.
-            kwargs["videos_kwargs"] = {
-                **self._videos_kwargs,
-                "video_metadata": [dict(m, frames_indices=list(m["frames_indices"])) for m in metadata],
-                "do_sample_frames": False,
-            }
-        out = self.processor(text=text, return_tensors="pt", **kwargs)
+        try:
+            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            text = collapse_video_wrappers(text, self.processor)
+            kwargs: dict[str, Any] = {}
+            if images:
+                kwargs["images"] = images
+                if self._images_kwargs:
+                    kwargs["images_kwargs"] = dict(self._images_kwargs)
+            if videos:
+                kwargs["videos"] = videos
+                # Frames are already the sampled ones: keep them all, and stamp times from their original indices.
+                kwargs["videos_kwargs"] = {
+                    **self._videos_kwargs,
+                    "video_metadata": [dict(m, frames_indices=list(m["frames_indices"])) for m in metadata],
+                    "do_sample_frames": False,
+                }
+            out = self.processor(text=text, return_tensors="pt", **kwargs)
+        except Exception as exc:  # transformers raises ValueError, TypeError, ... on one sample's media or text
+            media = [ref.describe() for ref in (*conv.images, *conv.videos)]
+            where = f" (media: {', '.join(media[:4])}{', ...' if len(media) > 4 else ''})" if media else ""
+            raise SkipSample("processor_error", f"{type(exc).__name__}: {exc}{where}") from exc
 
         input_ids = out["input_ids"][0].long()
         n_assistant = sum(1 for m in messages if m.get("role") == ASSISTANT)

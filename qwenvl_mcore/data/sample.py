@@ -22,6 +22,8 @@ SKIP_REASONS = (
     "corrupt_video",  # a video that cannot be decoded, has no frames, or is truncated
     "too_long",  # longer than data.seq_length after the vision tokens are expanded (data.overlong=drop)
     "no_labels",  # nothing left to train on (no assistant turn, or truncation removed every trained token)
+    "processor_error",  # the chat template or the processor refused the sample (e.g. an image with an aspect ratio
+    #                     above 200); the detail keeps its exception and message
 )
 
 

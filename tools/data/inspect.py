@@ -24,6 +24,7 @@ from collections import Counter, defaultdict  # noqa: E402
 import torch  # noqa: E402
 
 from qwenvl_mcore.data.build import datasets_from_config, processor_from_config  # noqa: E402
+from qwenvl_mcore.data.collate import DataError  # noqa: E402
 from qwenvl_mcore.data.pipeline import BatchShape, StepBatches, fit_length, media_spans  # noqa: E402
 from qwenvl_mcore.data.sample import SkipSample  # noqa: E402
 from qwenvl_mcore.data.sampler import GlobalBatchSampler  # noqa: E402
@@ -139,28 +140,31 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args = args_from_hf_config(flavor_hf_config(cfg.model.flavor))
-    train, valid = datasets_from_config(cfg.data, processor)
-    dataset = valid if opts.valid else train
-    if dataset is None:
-        print("error: no validation data configured (data.valid / data.valid_samples)", file=sys.stderr)
+    try:  # a missing file, data.strict=true on a bad sample, data.overlong=error: the run's own errors, exit 2
+        args = args_from_hf_config(flavor_hf_config(cfg.model.flavor))
+        train, valid = datasets_from_config(cfg.data, processor)
+        dataset = valid if opts.valid else train
+        if dataset is None:
+            raise DataError("no validation data configured (data.valid / data.valid_samples)")
+        d = cfg.data
+        shape = BatchShape.of(args, processor.tokenizer.pad_token_id, seq_length=d.seq_length, packing=d.packing,
+                              micro_batch_size=d.micro_batch_size, overlong=d.overlong)
+        tokenizer = processor.tokenizer
+        if opts.summary:
+            summary(dataset, shape, tokenizer, opts.limit)
+        elif opts.bin is not None:
+            sampler = GlobalBatchSampler(len(dataset), d.global_batch_size, seed=d.seed, shuffle=d.shuffle)
+            show_bin(StepBatches(dataset, sampler, shape, dp_rank=0, dp_size=1, tokenizer=tokenizer), opts.bin, tokenizer)
+        else:
+            index = opts.sample or 0
+            item = dataset[index]
+            if isinstance(item, SkipSample):
+                print(f"entry {index} is skipped: {item}")
+                return 1
+            show_sample(item, args, tokenizer, shape, opts.color)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    d = cfg.data
-    shape = BatchShape.of(args, processor.tokenizer.pad_token_id, seq_length=d.seq_length, packing=d.packing,
-                          micro_batch_size=d.micro_batch_size, overlong=d.overlong)
-    tokenizer = processor.tokenizer
-    if opts.summary:
-        summary(dataset, shape, tokenizer, opts.limit)
-    elif opts.bin is not None:
-        sampler = GlobalBatchSampler(len(dataset), d.global_batch_size, seed=d.seed, shuffle=d.shuffle)
-        show_bin(StepBatches(dataset, sampler, shape, dp_rank=0, dp_size=1, tokenizer=tokenizer), opts.bin, tokenizer)
-    else:
-        index = opts.sample or 0
-        item = dataset[index]
-        if isinstance(item, SkipSample):
-            print(f"entry {index} is skipped: {item}")
-            return 1
-        show_sample(item, args, tokenizer, shape, opts.color)
     return 0
 
 

@@ -32,6 +32,9 @@ import torch
 
 from qwenvl_mcore.checkpoint import dcp
 from qwenvl_mcore.testing import tiny
+from qwenvl_mcore.testing.dist import run_on_ranks
+
+from _resume_checks import load_and_resave
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = Path(tempfile.mkdtemp(prefix="qwenvl-trainer-test-"))
@@ -233,13 +236,16 @@ def _resume_elsewhere(source: Path, step: int, name: str, tag: str) -> Path:
 def test_resume_at_another_layout_keeps_the_trajectory_and_adam_moments():
     ref = straight("tp2_ep2", STEPS)
     source, stopped = interrupted()
-    # TP2/EP2 -> TP1/EP4: first re-save at once (no step), so the optimizer state can be compared, then continue
+    # TP2/EP2 -> TP1/EP4: first load it there and save it again at once (no step), so the optimizer state can be
+    # compared, then continue
     run_dir = _resume_elsewhere(source, stopped, "tp1_ep4", "tp1_ep4")
     saved = source / "checkpoints" / f"step_{stopped:07d}"
     original = {k: v for k, v in read_all(saved, list(dcp.tensor_metadata(str(saved)))).items()}
-    shutil.copytree(run_dir / "checkpoints", WORK / "resave_src")
-    train("tp1_ep4", run_dir, stopped, ["checkpoint.dir=" + str(WORK / "resave_src")])
-    resaved_dir = WORK / "resave_src" / f"step_{stopped:07d}"
+    world, layout = LAYOUTS["tp1_ep4"]
+    _, mcore = hf_and_mcore()
+    overrides = [*COMMON, *layout, f"model.init_from={mcore}", f"trainer.dir={run_dir}", f"trainer.steps={STEPS}"]
+    resaved_dir = Path(run_on_ranks(load_and_resave, world, overrides, str(WORK / "resaved"))[0])
+    assert resaved_dir == WORK / "resaved" / f"step_{stopped:07d}"
     resaved = read_all(resaved_dir, list(dcp.tensor_metadata(str(resaved_dir))))
     moments = [k for k in original if "exp_avg" in k]
     assert len(moments) > 50 and set(original) == set(resaved)

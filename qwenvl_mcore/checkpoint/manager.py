@@ -142,14 +142,16 @@ def _write_latest(save_root: str, name: str) -> None:
 
 def _publish(save_root: str, staging: str, final: str) -> None:
     """Rename the complete `staging` to `final` and point `latest` at it. Replacing an existing `final` that
-    `latest` names: `latest` first moves to the newest other step directory (or is removed when there is none),
-    so that it never names a directory renamed away."""
+    `latest` names: `latest` first moves to another step directory (the newest older one, else the oldest newer
+    one), or is removed when there is none, so that it never names a directory renamed away."""
     latest_path = os.path.join(save_root, LATEST_FILE)
     if os.path.isdir(final) and os.path.isfile(latest_path):
         with open(latest_path) as f:
             named = f.read().strip()
         if named == os.path.basename(final):
-            others = [n for n in step_dirs(save_root) if n != named]
+            steps = step_dirs(save_root)
+            at = steps.index(named)
+            others = steps[:at] or steps[at + 1:][:1]
             if others:
                 _write_latest(save_root, others[-1])
             else:

@@ -1,6 +1,8 @@
 """Checkpoint pickles are read through allow-lists (checkpoint/safe_unpickle.py): a checkpoint written here loads,
 every crafted pickle (DCP .metadata, a stored object, a legacy common.pt) is refused with a CheckpointError naming
-the file and the global before anything runs, and damaged files are named. One process, no process group."""
+the file and the global before anything runs, and damaged files are named. The save directory (manager.py): stale
+staging is removed by name only, and publishing a step directory never leaves `latest` naming a missing one.
+One process, no process group."""
 
 from __future__ import annotations
 
@@ -156,3 +158,36 @@ def test_stale_staging_is_removed_and_nothing_else(tmp_path):
     assert manager.remove_stale_staging(str(tmp_path)) == [".step_0000001.old-12-0a1b2c3d",
                                                            ".step_0000007.incomplete"]
     assert sorted(os.listdir(tmp_path)) == sorted([*names[2:], "target", ".step_0000009.incomplete"])
+
+
+@pytest.mark.parametrize("steps, replaced, during", [((1, 2), 2, "step_0000001"), ((2, 5), 2, "step_0000005"),
+                                                      ((2,), 2, None)], ids=["older", "newer_only", "alone"])
+def test_replacing_the_step_latest_names_never_leaves_it_dangling(tmp_path, monkeypatch, steps, replaced, during):
+    """`latest` names step `replaced`, which a new save replaces: after every rename it names an existing directory
+    (during the swap: another step directory, the newest older one first; none existing: no `latest`), and
+    finally the new step directory."""
+    from qwenvl_mcore.checkpoint import manager
+
+    root = tmp_path / "checkpoints"
+    for s in steps:
+        (root / f"step_{s:07d}").mkdir(parents=True)
+        (root / f"step_{s:07d}" / "old").write_text("old")
+    (root / "latest").write_text(f"step_{replaced:07d}\n")
+    staging = root / f".step_{replaced:07d}.incomplete"
+    staging.mkdir()
+    (staging / "new").write_text("new")
+    seen = []
+    real_rename = os.rename
+
+    def watching_rename(src, dst):
+        real_rename(src, dst)
+        named = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+        seen.append((named, named is None or (root / named).is_dir()))
+
+    monkeypatch.setattr(os, "rename", watching_rename)
+    manager._publish(str(root), str(staging), str(root / f"step_{replaced:07d}"))
+    assert seen and all(ok for _, ok in seen), seen
+    assert {named for named, _ in seen[:-1]} == {during}, seen
+    assert (root / "latest").read_text().strip() == f"step_{replaced:07d}"
+    assert sorted(os.listdir(root / f"step_{replaced:07d}")) == ["new"]
+    assert sorted(os.listdir(root)) == ["latest", *(f"step_{s:07d}" for s in steps)]

@@ -10,9 +10,13 @@ largest and fills the others with all-padding micro-batches (:func:`empty_microb
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (registers its exit handler, which joins workers, before ours)
 import re
 import signal
 import sys
+import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,8 +28,8 @@ from qwenvl_mcore.data.sample import Sample, SkipSample
 from qwenvl_mcore.data.sampler import GlobalBatchSampler, shard_for_rank, split_microbatches
 from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs, shift_labels
 
-__all__ = ["OVERLONG_POLICIES", "BatchShape", "RankStep", "StepBatches", "empty_microbatch", "fit_length",
-           "media_spans", "step_loader"]
+__all__ = ["OVERLONG_POLICIES", "BatchShape", "RankStep", "StepBatches", "StepLoader", "empty_microbatch",
+           "fit_length", "media_spans", "step_loader"]
 
 OVERLONG_POLICIES = ("drop", "truncate_text", "error")
 
@@ -235,6 +239,27 @@ def _as_is(item):
     return item
 
 
+@dataclass
+class _Failed:
+    """A step whose rendering raised :class:`DataError` (data.strict, data.overlong=error), carried out of the
+    worker as a value: re-raised by the loader with its own message, not torch's worker traceback around it."""
+
+    message: str
+
+
+class _CarryDataErrors(Dataset):
+    """``steps[consumed]``, or :class:`_Failed` for a step that raised DataError."""
+
+    def __init__(self, steps: StepBatches):
+        self.steps = steps
+
+    def __getitem__(self, consumed: int) -> RankStep | _Failed:
+        try:
+            return self.steps[consumed]
+        except DataError as e:
+            return _Failed(str(e))
+
+
 _INHERITED_SCALERS = []  # see _drop_inherited_scaler: kept alive on purpose, never freed
 
 
@@ -261,11 +286,82 @@ def _drop_inherited_scaler() -> None:
         local.reformatter = None
 
 
-def step_loader(steps: StepBatches, start: int, *, num_workers: int = 0, prefetch: int = 2) -> Iterator[RankStep]:
+#: Seconds a closing StepLoader waits for its killed workers to be reaped.
+WORKER_REAP_TIMEOUT_S = 10.0
+
+_OPEN_LOADERS: "weakref.WeakSet[StepLoader]" = weakref.WeakSet()
+
+
+class StepLoader:
+    """The RankSteps from a stream position on (an endless iterator), with :meth:`close`, which ends its worker
+    processes at once. Close it on every way out (the trainer does, in ``finally``); any loader still open when the
+    interpreter exits is closed then, before multiprocessing's own exit handler, which would wait for the workers
+    forever: they ignore SIGTERM (:func:`_worker_init`), and an iterator caught in an exception's reference cycle
+    is not freed before that handler runs."""
+
+    def __init__(self, loader: DataLoader):
+        self._iterator = iter(loader)
+        _OPEN_LOADERS.add(self)
+
+    def __iter__(self) -> "StepLoader":
+        return self
+
+    def __next__(self) -> RankStep:
+        if self._iterator is None:
+            raise RuntimeError("StepLoader.__next__ after close()")
+        step = next(self._iterator)
+        if isinstance(step, _Failed):
+            raise DataError(step.message)
+        return step
+
+    def __del__(self):  # dropped without close(): still end the workers now rather than leave them to torch
+        self.close()
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (none inline or once closed)."""
+        return [w.pid for w in getattr(self._iterator, "_workers", None) or ()]
+
+    def close(self, timeout_s: float = WORKER_REAP_TIMEOUT_S) -> None:
+        """End the workers (safe to call twice). They are killed (SIGKILL) rather than asked: torch's own shutdown
+        waits 5 s for each busy worker (one decoding a long video, or rendering a step past the end of the run) and
+        then sends SIGTERM, which they ignore. They only read, so nothing is lost."""
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        _OPEN_LOADERS.discard(self)
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", None) or ())
+        if getattr(iterator, "_worker_pids_set", False):
+            # torch's SIGCHLD handler reports a registered worker killed by a signal as a DataLoader failure
+            torch._C._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # the rest of torch's shutdown: its queues
+        if shutdown is not None:
+            shutdown()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    # Exit handlers run last-registered first: this one before multiprocessing's (imported above).
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+def step_loader(steps: StepBatches, start: int, *, num_workers: int = 0, prefetch: int = 2) -> StepLoader:
     """The RankSteps from stream position ``start`` on, rendered ahead in ``num_workers`` worker processes (0: in
-    this process). Worker processes decode media while the model trains; the order never depends on them."""
-    loader = DataLoader(steps, batch_size=None, sampler=_Positions(start, steps.sampler.global_batch_size),
+    this process). Worker processes decode media while the model trains; the order never depends on them. Close
+    the returned :class:`StepLoader` when done."""
+    loader = DataLoader(_CarryDataErrors(steps), batch_size=None,
+                        sampler=_Positions(start, steps.sampler.global_batch_size),
                         num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
-                        collate_fn=_as_is, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        # No pin-memory thread: torch pins tensors, mappings and sequences and passes a RankStep (a
+                        # dataclass) through untouched, and StepLoader.close kills workers, which could leave that
+                        # thread reading half a message. The trainer moves batches to the device itself.
+                        collate_fn=_as_is, pin_memory=False, persistent_workers=False,
                         worker_init_fn=_worker_init if num_workers else None)
-    return iter(loader)
+    return StepLoader(loader)

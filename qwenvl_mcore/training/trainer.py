@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from qwenvl_mcore import library_noise
 from qwenvl_mcore.checkpoint import manager, model_io
 from qwenvl_mcore.data.build import datasets_from_config
+from qwenvl_mcore.data.collate import DataError
 from qwenvl_mcore.data.pipeline import BatchShape, RankStep, StepBatches, empty_microbatch, step_loader
 from qwenvl_mcore.data.sampler import GlobalBatchSampler
 from qwenvl_mcore.models.qwen3_vl_moe.config import (
@@ -36,13 +37,22 @@ from qwenvl_mcore.models.qwen3_vl_moe.config import (
 from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks, parameter_part
 from qwenvl_mcore.parallel.distributed import init_distributed
 from qwenvl_mcore.training import metrics as metrics_lib
-from qwenvl_mcore.training.config import ConfigError, data_parallel_microbatches, layout_of, optim_settings_of
+from qwenvl_mcore.training.config import (
+    ConfigError,
+    config_notes,
+    data_parallel_microbatches,
+    layout_of,
+    optim_settings_of,
+)
 from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
 from qwenvl_mcore.training.setup import allocate_optimizer_state, build_optimizer, load_optimizer_state, wrap_ddp
 from qwenvl_mcore.training.step import reduce_reports, train_step
 
 # Exit statuses of a run, as the entry point returns them.
 COMPLETED, PREEMPTED, BAD_STEPS = "completed", "preempted", "bad_steps"
+# A run whose first steps hold no usable sample stops (DataError, exit 2) after this many, or sooner when it has read
+# a whole epoch or reached trainer.steps: its data or data settings are wrong, and training on would change nothing.
+NO_DATA_STEPS = 5
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # loads at any TP/PP/EP/DP layout
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -57,6 +67,7 @@ class TrainState:
     consecutive_skips: int = 0
     data_skips: dict = field(default_factory=dict)  # samples left out so far, by reason (data.sample.SKIP_REASONS)
     truncated_samples: int = 0  # cut to data.seq_length (data.overlong=truncate_text)
+    empty_steps: int = 0  # steps without a loss token (every sample of the global batch skipped): nothing changed
 
 
 @dataclass
@@ -496,24 +507,28 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                                  shuffle=cfg.data.shuffle)
     steps = step_loader(step_batches(run, train_ds, sampler), run.state.consumed_samples,
                         num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
-    peak = metrics_lib.peak_tflops(cfg.logging.peak_tflops)
     writer = None
-    if dist.get_rank() == 0:
-        writer = metrics_lib.MetricsWriter(
-            cfg.logging.dir, every=cfg.logging.every, progress_bar=cfg.logging.progress_bar,
-            tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-            wandb_mode=cfg.logging.wandb_mode, run_name=cfg.trainer.name,
-            config=OmegaConf.to_container(cfg, resolve=True), start_step=run.state.step, total_steps=cfg.trainer.steps)
-        library_noise.write_to(os.path.join(cfg.logging.dir, "library_warnings.log"))
-        writer.message(f"[train] {cfg.trainer.name}: layout {run.layout.as_dict()} on {dist.get_world_size()} ranks, "
-                       f"{cfg.data.global_batch_size} samples/step ("
-                       + (f"packed into {cfg.data.seq_length}-token sequences" if cfg.data.packing else
-                          f"{micro_per_rank} micro-batches/rank") + f", {len(train_ds)} per epoch), from step {run.state.step} "
-                       f"(sample {run.state.consumed_samples}); checkpoints in {cfg.checkpoint.dir}")
-    for c in run.chunks:
-        c.train()
-    status = COMPLETED
-    try:
+    try:  # every way out closes the loader: its workers ignore SIGTERM (data/pipeline.py)
+        peak = metrics_lib.peak_tflops(cfg.logging.peak_tflops)
+        if dist.get_rank() == 0:
+            writer = metrics_lib.MetricsWriter(
+                cfg.logging.dir, every=cfg.logging.every, progress_bar=cfg.logging.progress_bar,
+                tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode, run_name=cfg.trainer.name,
+                config=OmegaConf.to_container(cfg, resolve=True), start_step=run.state.step,
+                total_steps=cfg.trainer.steps)
+            library_noise.write_to(os.path.join(cfg.logging.dir, "library_warnings.log"))
+            writer.message(f"[train] {cfg.trainer.name}: layout {run.layout.as_dict()} on {dist.get_world_size()} "
+                           f"ranks, {cfg.data.global_batch_size} samples/step ("
+                           + (f"packed into {cfg.data.seq_length}-token sequences" if cfg.data.packing else
+                              f"{micro_per_rank} micro-batches/rank") + f", {len(train_ds)} per epoch), from step "
+                           f"{run.state.step} (sample {run.state.consumed_samples}); checkpoints in "
+                           f"{cfg.checkpoint.dir}")
+            for note in config_notes(cfg):
+                writer.message(f"[train] note: {note}")
+        for c in run.chunks:
+            c.train()
+        status = COMPLETED
         while run.state.step < cfg.trainer.steps:
             status = _one_step(run, next(steps), sampler, writer, peak)
             if status == BAD_STEPS:
@@ -538,11 +553,24 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                                        "holds the last good weights. Check the data of those steps "
                                        "(logging.sample_ids=true lists them) or lower optim.lr."}[status])
     finally:
+        steps.close()
         stop.restore()
         start.release()
         if writer:
             writer.close()
     return status
+
+
+def _no_usable_data(run: Run, sampler: GlobalBatchSampler) -> str:
+    state = run.state
+    read = (f"a whole epoch of {sampler.num_samples} entries" if state.consumed_samples >= sampler.num_samples else
+            f"{state.consumed_samples} samples")
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(state.data_skips.items(), key=lambda kv: -kv[1]))
+    steps = "step" if state.step == 1 else f"{state.step} steps"
+    return (f"no usable sample in the first {steps} ({read}): every one was skipped ({reasons or 'none'}); "
+            f"each is listed with its file and line in {os.path.join(run.cfg.logging.dir, 'data_skips.jsonl')}. "
+            "Nothing was trained. Fix the data or its settings (`python tools/data/inspect.py <the same overrides> "
+            "--summary` shows the skips), e.g. data.train, the media paths, data.seq_length.")
 
 
 def _one_step(run: Run, data: RankStep, sampler: GlobalBatchSampler, writer, peak: float | None) -> str:
@@ -556,13 +584,15 @@ def _one_step(run: Run, data: RankStep, sampler: GlobalBatchSampler, writer, pea
     lr = run.optimizer.param_groups[0]["lr"]  # the LR this step uses
     start = time.perf_counter()
     result = train_step(run.chunks, run.optimizer, micro)
-    if not result.skipped:
+    if not (result.skipped or result.empty):
         run.scheduler.step(1)
     elapsed = time.perf_counter() - start
     state.step += 1
     state.consumed_samples += cfg.data.global_batch_size
     state.skipped_steps += int(result.skipped)
-    state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
+    state.empty_steps += int(result.empty)
+    if not result.empty:  # an empty step says nothing about the loss: the count of non-finite steps goes on
+        state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
     if writer:
         tflops = float(work[1]) / elapsed / dist.get_world_size() / 1e12
         m = {"loss": result.loss, "aux_loss": result.aux_loss, "total_loss": result.total_loss, "lr": lr,
@@ -572,10 +602,17 @@ def _one_step(run: Run, data: RankStep, sampler: GlobalBatchSampler, writer, pea
              "step_time_s": elapsed, "skipped": result.skipped, "skipped_steps": state.skipped_steps,
              "consumed_samples": state.consumed_samples, "epoch": sampler.epoch(state.consumed_samples),
              "expert_load": result.expert_load, "microbatches": len(micro), "data_skips": dict(state.data_skips),
-             "data_skips_step": skipped_now, "truncated_samples": state.truncated_samples}
+             "data_skips_step": skipped_now, "truncated_samples": state.truncated_samples,
+             "empty": result.empty, "empty_steps": state.empty_steps}
+        if result.empty:
+            m.update(loss=None, total_loss=None, tokens_per_s=0.0, tflops_per_device=0.0, mfu=None)
         if cfg.logging.sample_ids:
             m["sample_ids"] = entries  # what the data-parallel ranks were handed, in rank order
         writer.log(state.step, m)
+    if result.empty and state.empty_steps == state.step and (
+            state.step >= NO_DATA_STEPS or state.consumed_samples >= sampler.num_samples
+            or state.step >= cfg.trainer.steps):
+        raise DataError(_no_usable_data(run, sampler))
     if state.consecutive_skips >= cfg.trainer.max_consecutive_skips:
         return BAD_STEPS
     return COMPLETED

@@ -114,7 +114,8 @@ class MetricsWriter:
         self.jsonl.flush()
         if kind == "train" and self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if metrics.get("loss") is not None:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if kind == "train" and step % self.every:
             return
         scalars = _scalars(metrics, kind)
@@ -154,6 +155,10 @@ def _scalars(metrics: dict, kind: str) -> dict[str, float]:
 def format_line(step: int, m: dict, kind: str) -> str:
     if kind != "train":
         return f"[{kind}] step {step}: loss {m['loss']:.4f} over {m['tokens']} tokens"
+    if m.get("empty"):
+        skipped = ", ".join(f"{n} {reason}" for reason, n in (m.get("data_skips_step") or {}).items())
+        return (f"step {step} | no loss tokens: every sample was skipped ({skipped or 'none'}); nothing changed | "
+                f"empty steps {m.get('empty_steps')}")
     parts = [f"step {step}", f"loss {m['loss']:.4f}"]
     if m.get("aux_loss") is not None:
         parts.append(f"aux {m['aux_loss']:.4f}")

@@ -8,7 +8,8 @@ over the micro-batches of all DP ranks and added once: its gradient is pre-multi
 global tokens / (micro-batches x DP) to survive that division. With M micro-batches of a fixed global batch on D
 ranks, M x D is the same for every layout, so the objective does not depend on the DP size.
 
-A step whose loss or gradient norm is not finite changes nothing (no update, no LR step) and is reported.
+A step whose loss or gradient norm is not finite changes nothing (no update, no LR step) and is reported; so does a
+step without any loss token (every sample of the global batch skipped), which runs no forward pass at all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class StepResult:
     skipped: bool  # no update: non-finite loss or gradients
     expert_load: list[float] | None = None  # per layer: max / mean tokens per expert over the global batch
     aux_coeff: float = 0.0
+    empty: bool = False  # no loss token in the global batch (every sample skipped): nothing ran or changed
 
     @property
     def total_loss(self) -> float:
@@ -54,6 +56,10 @@ def global_counts(microbatches: Sequence[MultimodalInputs]) -> tuple[int, int]:
 def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]) -> StepResult:
     """Forward + backward over this rank's micro-batches, then one optimizer step (collective)."""
     tokens, filled = global_counts(microbatches)
+    if tokens == 0:
+        # Nothing to learn from. Running the step anyway would still move the weights (Adam's momentum and weight
+        # decay act without gradients); the count is global, so every rank returns here together.
+        return StepResult(loss=0.0, tokens=0, aux_loss=None, grad_norm=None, skipped=False, empty=True)
     for c in chunks:
         c.zero_grad_buffer()
         # the aux loss enters as the mean over micro-batches; the per-token loss normalisation divides by tokens

@@ -154,7 +154,8 @@ def main(argv: list[str]) -> int:
             summary(dataset, shape, tokenizer, opts.limit)
         elif opts.bin is not None:
             sampler = GlobalBatchSampler(len(dataset), d.global_batch_size, seed=d.seed, shuffle=d.shuffle)
-            show_bin(StepBatches(dataset, sampler, shape, dp_rank=0, dp_size=1, tokenizer=tokenizer), opts.bin, tokenizer)
+            show_bin(StepBatches(dataset, sampler, shape, dp_rank=0, dp_size=1, tokenizer=tokenizer), opts.bin,
+                     tokenizer)
         else:
             index = opts.sample or 0
             item = dataset[index]

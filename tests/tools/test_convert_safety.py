@@ -134,18 +134,28 @@ def _workers(proc: psutil.Process) -> list[psutil.Process]:
     return out
 
 
-def _blocked(p: psutil.Process) -> bool:
-    """Blocked opening a FIFO (nothing writes it): mid-conversion, past start-up."""
-    try:
-        with open(f"/proc/{p.pid}/wchan") as f:
-            wchan = f.read()
-        if "partner" in wchan or "fifo" in wchan:
-            return True
-        t0 = sum(p.cpu_times()[:2])
-        time.sleep(0.5)
-        return p.status() == psutil.STATUS_SLEEPING and sum(p.cpu_times()[:2]) == t0
-    except (psutil.NoSuchProcess, OSError):
-        return False
+def _freeze_past_start_up(parent: psutil.Process, deadline: float) -> list[psutil.Process]:
+    """The converter's 2 workers, stopped (SIGSTOP) once each holds a TCP socket, i.e. has started its process
+    group, which the launcher does only after its start-up (die_with_parent): they are frozen mid-conversion.
+    Each is run in 50 ms slices until then, so a fast one cannot finish first."""
+    seen: dict[int, psutil.Process] = {}
+    ready: set[int] = set()
+    while time.time() < deadline and (len(seen) < 2 or len(ready) < 2):
+        for w in _workers(parent):
+            if w.pid not in seen:
+                w.suspend()
+                seen[w.pid] = w
+        for pid, w in seen.items():
+            if pid in ready:
+                continue
+            if w.net_connections(kind="tcp"):
+                ready.add(pid)
+                continue
+            w.resume()
+            time.sleep(0.05)
+            w.suspend()
+        time.sleep(0.01)
+    return [seen[pid] for pid in ready]
 
 
 def _gone(pids: list[int], timeout: float) -> list[int]:
@@ -166,52 +176,37 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_killed_conversion_leaves_no_worker_and_a_rerun_succeeds(mcore, tmp_path, sig):
-    """mcore2hf --procs 2 killed while both workers are mid-read (every data file of the checkpoint is a FIFO
-    nobody writes, so they block there): the workers die with it, and the same command run again succeeds.
+    """mcore2hf --procs 2 killed while both workers are frozen mid-conversion (stopped after their start-up, as
+    if stuck in I/O): the workers die with it, and the same command run again succeeds.
     SIGTERM also removes the staging directory and exits 143. The converter runs with SIGINT ignored, as any
     background job of a batch script does (`cmd &` without job control): torch's own parent-death signal for
     its workers is SIGINT, which then does nothing."""
-    src = tmp_path / "mcore"
-    shutil.copytree(mcore, src)
-    for f in src.glob("*.distcp"):
-        f.unlink()
-        os.mkfifo(f)
     out = tmp_path / "export"
-    cmd = [sys.executable, str(ROOT / "tools/convert/mcore2hf.py"), "--mcore", str(src), "--out", str(out),
+    cmd = [sys.executable, str(ROOT / "tools/convert/mcore2hf.py"), "--mcore", str(mcore), "--out", str(out),
            "--procs", "2", "--max-shard-size", "300KB", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    pids = []
+    workers = []
     try:
-        parent = psutil.Process(proc.pid)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            workers = _workers(parent)
-            if len(workers) == 2 and all(_blocked(w) for w in workers):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None and len(workers) == 2, "the workers never reached the checkpoint's data"
-        pids = [w.pid for w in workers]
+        workers = _freeze_past_start_up(psutil.Process(proc.pid), time.time() + 240)
+        assert proc.poll() is None and len(workers) == 2, "the workers never started their process group"
         assert Path(staging_dir_for(str(out))).is_dir()
         proc.send_signal(sig)
         code = proc.wait(timeout=30)
-        assert _gone(pids, timeout=5) == [], "workers outlived the converter"
+        assert _gone([w.pid for w in workers], timeout=5) == [], "workers outlived the converter"
         if sig == signal.SIGTERM:
             assert code == 143 and "error: stopped by SIGTERM; nothing was written" in proc.stderr.read()
             assert not Path(staging_dir_for(str(out))).exists() and not Path(locking.lock_path_for(str(out))).exists()
     finally:
-        for pid in pids:  # only if the check above failed: do not leave blocked processes behind
+        for w in workers:  # only if the check above failed: leave no stopped process behind
             try:
-                psutil.Process(pid).kill()
+                w.kill()
             except psutil.NoSuchProcess:
                 pass
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert not out.exists()
-    for f in src.glob("*.distcp"):
-        f.unlink()
-        shutil.copy(mcore / f.name, f)
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1

@@ -294,7 +294,7 @@ def test_header_whose_offsets_disagree_with_the_shape_names_file_and_tensor(hf, 
 def test_demo_deletes_only_its_own_output(tmp_path, monkeypatch):
     """A non-empty directory the demo did not make, the checkout and its parents are refused with nothing deleted;
     a previous demo output is replaced. (The demo's work is stubbed out after it claims its directory.)"""
-    from qwenvl_mcore import demo
+    from qwenvl_mcore import demo, library_noise
     from qwenvl_mcore.testing import tiny as tiny_module
 
     class Claimed(Exception):
@@ -308,6 +308,7 @@ def test_demo_deletes_only_its_own_output(tmp_path, monkeypatch):
     (checkout / "README.md").write_text("mine")
     monkeypatch.setattr(demo, "ROOT", checkout)
     monkeypatch.setattr(tiny_module, "save_tiny_hf_checkpoint", stop)
+    monkeypatch.setattr(library_noise, "install", lambda: None)  # process-wide: not for this pytest process
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")

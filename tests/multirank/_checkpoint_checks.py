@@ -10,6 +10,8 @@ import os
 import pickle
 import shutil
 import socket
+import time
+import traceback
 from collections import namedtuple
 
 import torch
@@ -37,7 +39,9 @@ def _error(fn) -> str | None:
     """The message of the CheckpointError / ConfigError `fn` raises (None if it returns), with its type."""
     try:
         fn()
-    except Exception as e:  # noqa: BLE001 - the test asserts on type and text
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the test asserts on type and text (DCP's errors are BaseExceptions)
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -63,9 +67,6 @@ def _listing(run_dir: str) -> list[str]:
 def checkpoint_checks(rank: int, work: str, init: str) -> dict:
     """Items 6, 11, 8, 7, 9 and 5 on one base run, each step's failure returned as "ck_<step>_error" (the later
     steps still run)."""
-    import time
-    import traceback
-
     out = {}
     base = os.path.join(work, "ck_base")
     for name, step in (("lock", _lock_step), ("base", _base_step), ("finished", _finished_step),
@@ -74,7 +75,9 @@ def checkpoint_checks(rank: int, work: str, init: str) -> dict:
         start = time.perf_counter()
         try:
             out.update(step(rank, work, init, base))
-        except Exception:  # noqa: BLE001 - the test fails on it and shows the traceback
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - the test fails on it and shows the traceback (DCP's BaseExceptions too)
             out[f"ck_{name}_error"] = traceback.format_exc()
         out[f"ck_{name}_seconds"] = time.perf_counter() - start
     return out
@@ -89,16 +92,17 @@ def _lock_step(rank: int, work: str, init: str, base: str) -> dict:
     from qwenvl_mcore.checkpoint import locking
 
     out = {}
+    busy = os.path.join(work, "ck_busy")
     holder = None
     if rank == 0:
-        holder = locking.PathLock(locking.lock_path_for(base), target=base).acquire()
+        holder = locking.PathLock(locking.lock_path_for(busy), target=busy).acquire()
     try:
-        out["lock_error"] = _error(lambda: _run(base, init, 2))
+        out["lock_error"] = _error(lambda: _run(busy, init, 1))
     finally:
         if holder:
             holder.release()
     out["lock_pid"], out["lock_host"] = os.getpid(), socket.gethostname()
-    out["lock_wrote"] = os.path.exists(os.path.join(base, "logs", "metrics.jsonl"))
+    out["lock_wrote"] = os.path.exists(os.path.join(busy, "logs", "metrics.jsonl"))
     return out
 
 

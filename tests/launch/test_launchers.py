@@ -214,8 +214,9 @@ def test_a_bad_layout_is_reported_once_without_launcher_noise(tmp_path):
     assert out.count("world size 2 is not divisible by tp*pp*cp = 3*1*1") == 1, out
     assert "error: world size 2 is not divisible" in out
     assert "Traceback" not in out and "ChildFailedError" not in out and "Root Cause" not in out, out
-    assert "trainer exit statuses [2,2], torchrun 1 -> 2" in out
-    assert len(out.splitlines()) <= 5, out
+    # torchrun stops the other rank once one has failed; under load it may be stopped before it reports too
+    assert re.search(r"trainer exit statuses \[(2,2|2,signal 15|signal 15,2)\], torchrun 1 -> 2", out), out
+    assert len(out.splitlines()) <= 6, out  # + torchrun's one line about stopping the other rank
 
 
 def test_local_stops_on_sigterm_with_the_trainers_status(tmp_path):

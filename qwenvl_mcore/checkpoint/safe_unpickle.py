@@ -51,7 +51,7 @@ _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), 
 
 # What torch's weights_only loader must admit beyond its defaults for our bytes items: numpy arrays, which the
 # RNG state holds (np.random.get_state()). numpy 1 pickles name numpy.core, numpy 2 numpy._core.
-_NUMPY_RECONSTRUCT = np._core.multiarray._reconstruct
+_NUMPY_RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
 OBJECT_GLOBALS = [_NUMPY_RECONSTRUCT, (_NUMPY_RECONSTRUCT, "numpy.core.multiarray._reconstruct"), np.ndarray,
                   np.dtype, *{type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)}]
 

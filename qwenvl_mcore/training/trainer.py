@@ -495,20 +495,16 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                   f"(trainer.steps={cfg.trainer.steps}); nothing to do. Raise trainer.steps to train further.",
                   flush=True)
         return COMPLETED
-    try:
+    steps = writer = None
+    try:  # every way out releases the run's lock and closes the loader (its workers ignore SIGTERM: data/pipeline.py)
         run = build_run(cfg, start)
-    except BaseException:
-        start.release()
-        raise
-    train_ds, valid_ds = build_datasets(run)
-    train_ds, valid_ds = train_dataset or train_ds, valid_dataset or valid_ds
-    micro_per_rank = data_parallel_microbatches(cfg, parallel_state.get_data_parallel_world_size())
-    sampler = GlobalBatchSampler(len(train_ds), cfg.data.global_batch_size, seed=cfg.data.seed,
-                                 shuffle=cfg.data.shuffle)
-    steps = step_loader(step_batches(run, train_ds, sampler), run.state.consumed_samples,
-                        num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
-    writer = None
-    try:  # every way out closes the loader: its workers ignore SIGTERM (data/pipeline.py)
+        train_ds, valid_ds = build_datasets(run)
+        train_ds, valid_ds = train_dataset or train_ds, valid_dataset or valid_ds
+        micro_per_rank = data_parallel_microbatches(cfg, parallel_state.get_data_parallel_world_size())
+        sampler = GlobalBatchSampler(len(train_ds), cfg.data.global_batch_size, seed=cfg.data.seed,
+                                     shuffle=cfg.data.shuffle)
+        steps = step_loader(step_batches(run, train_ds, sampler), run.state.consumed_samples,
+                            num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
         peak = metrics_lib.peak_tflops(cfg.logging.peak_tflops)
         if dist.get_rank() == 0:
             writer = metrics_lib.MetricsWriter(
@@ -553,7 +549,8 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                                        "holds the last good weights. Check the data of those steps "
                                        "(logging.sample_ids=true lists them) or lower optim.lr."}[status])
     finally:
-        steps.close()
+        if steps is not None:
+            steps.close()
         stop.restore()
         start.release()
         if writer:

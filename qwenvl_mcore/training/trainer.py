@@ -23,7 +23,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_mcore import library_noise
-from qwenvl_mcore.checkpoint import manager, model_io, write_results
+from qwenvl_mcore.checkpoint import manager, model_io
 from qwenvl_mcore.data.build import datasets_from_config
 from qwenvl_mcore.data.collate import DataError
 from qwenvl_mcore.data.pipeline import BatchShape, RankStep, StepBatches, empty_microbatch, step_loader
@@ -327,7 +327,6 @@ def _sharded_training_state(run: Run, *, is_loading: bool, with_rng: bool) -> di
 
 
 def save_training_checkpoint(run: Run) -> str:
-    write_results.install()  # megatron's writer reports through a process that must outlive the stop signal
     allocate_optimizer_state(run.optimizer)  # before the first good step torch's Adam has no state to save
     state = _sharded_training_state(run, is_loading=False, with_rng=True)
     state["training"] = {

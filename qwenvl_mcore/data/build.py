@@ -57,8 +57,8 @@ def processor_from_config(cfg: DictConfig):
         return AutoProcessor.from_pretrained(os.path.join(model_io.resolve_checkpoint_dir(cfg.model.init_from),
                                                           model_io.HF_SUBDIR))
     if cfg.model.flavor == "debug":
-        from qwenvl_mcore.testing import tiny
+        from qwenvl_mcore.models.qwen3_vl_moe import debug_assets
 
-        return tiny.build_processor(tiny.build_tokenizer())
+        return debug_assets.build_processor(debug_assets.build_tokenizer())
     raise ValueError(f"model.flavor={cfg.model.flavor} needs data.processor=<dir> or model.init_from=<checkpoint> "
                      "to know the tokenizer and processor.")

@@ -18,7 +18,7 @@ import torch
 from qwenvl_mcore.data.render import collapse_video_wrappers
 from qwenvl_mcore.data.sample import Sample
 from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX
-from qwenvl_mcore.testing.tiny import (
+from qwenvl_mcore.models.qwen3_vl_moe.debug_assets import (
     sample_image,
     sample_video,
     sample_video_metadata,
@@ -61,8 +61,8 @@ class SyntheticConversations:
 
     Sample ``i`` (see :meth:`conversation` for its messages): kind drawn from ``kinds``; user and assistant texts of
     ``min_words..max_words`` random words each, so lengths and trained-token counts vary; images from
-    :func:`~qwenvl_mcore.testing.tiny.sample_image` (sides from 48 to 112 px); videos from
-    :func:`~qwenvl_mcore.testing.tiny.sample_video` (4 or 8 frames at 4 fps, every frame kept) with the reference
+    :func:`~qwenvl_mcore.models.qwen3_vl_moe.debug_assets.sample_image` (sides from 48 to 112 px); videos from
+    :func:`~qwenvl_mcore.models.qwen3_vl_moe.debug_assets.sample_video` (4 or 8 frames at 4 fps, every frame kept) with the reference
     video token layout (:func:`~qwenvl_mcore.data.render.collapse_video_wrappers`). All randomness comes from a
     local generator seeded with ``(seed, i)``; the global RNG state is neither read nor changed.
     """

@@ -119,9 +119,9 @@ def _prepare_hf_dir(cfg: DictConfig, args, source_hf_dir: str | None) -> str:
         if cfg.data.processor:
             model_io.copy_hf_side_files(cfg.data.processor, out)
         elif cfg.model.flavor == "debug":
-            from qwenvl_mcore.testing import tiny
+            from qwenvl_mcore.models.qwen3_vl_moe import debug_assets
 
-            tiny.build_processor(tiny.build_tokenizer()).save_pretrained(out)
+            debug_assets.build_processor(debug_assets.build_tokenizer()).save_pretrained(out)
         else:
             raise ConfigError(f"model.flavor={cfg.model.flavor} without model.init_from needs data.processor=<dir with "
                               "the tokenizer and processor files> (or start from a converted checkpoint).")

@@ -254,7 +254,7 @@ def released_config_dict(config) -> dict:
 def flavor_hf_config(name: str) -> dict:
     """The HF config dict of a named flavor: 'debug' (tiny, for tests and the demo) or a released preset."""
     if name == "debug":
-        from qwenvl_mcore.testing.tiny import tiny_hf_config
+        from qwenvl_mcore.models.qwen3_vl_moe.debug_assets import tiny_hf_config
 
         return tiny_hf_config().to_dict()
     if name not in FLAVORS:

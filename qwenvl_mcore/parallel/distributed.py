@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -32,9 +31,9 @@ def single_rank_environment() -> bool:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the store binds it again right after
-            s.bind((os.environ["MASTER_ADDR"], 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        from qwenvl_mcore.parallel.spawn import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port(os.environ["MASTER_ADDR"]))
     return True
 
 

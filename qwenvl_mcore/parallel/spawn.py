@@ -28,9 +28,10 @@ _PR_SET_PDEATHSIG = 1
 SIGTERM_EXIT_CODE = 143
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the caller's store binds it right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -16,19 +16,34 @@
 #   sbatch --nodes 2 launch/sft_moe.sh experiment=sft_30b_a3b_2x8xh100 model.init_from=ckpt/qwen3vl-30b-mcore
 #   sbatch --nodes 8 --time 48:00:00 launch/sft_moe.sh experiment=sft_235b_a22b_8x8xh100 data.train=sft.jsonl
 #
-# Pre-emption and the time limit: 300 s before the limit Slurm sends SIGUSR1 to this script only (B:). It is
-# passed to srun as SIGUSR1 (srun turns a SIGTERM of its own into SIGKILL of every task), srun to each node's
-# slurm/node.sh and torchrun, torchrun to the trainers: they finish the step, write a checkpoint and exit 143.
-# A SIGTERM or SIGUSR1 sent to this script (`scancel --batch --signal=USR1 JOB`) does the same. When the nodes
-# report 143 the script runs `scontrol requeue $SLURM_JOB_ID` and exits 0 (the attempt ended as planned; Slurm
-# ends the job and queues it again); the requeued job runs this script with the same arguments and the trainer
-# resumes from <trainer.dir>/checkpoints/latest by itself. Without a requeue (REQUEUE=0, or scontrol refused) it
-# exits 143: submit the same command again to resume. A run that ends exits 0; any other status is the trainers'
-# (3 bad steps, 2 bad input) or the launch's failure, and is not requeued.
-# Not relied upon: Slurm's own SIGTERM to every process (grace-time pre-emption, the time limit itself). It can
-# reach srun (which then kills the tasks); ask for PreemptParameters=send_user_signal, with which pre-emption sends
-# the --signal above instead. (DataLoader workers ignore stop signals; the trainer shuts them down.)
-# The lead time must cover a step plus a checkpoint: `sbatch --signal=B:USR1@600 ...` for slow file systems.
+# Pre-emption and the time limit: SIGNAL_LEAD seconds (300) before the limit Slurm sends SIGUSR1 to this script
+# only (B:). It is passed to srun as SIGUSR1 (srun turns a SIGTERM of its own into SIGKILL of every task), srun to
+# each node's slurm/node.sh, which asks its trainers to stop: they finish the step, write a checkpoint and exit 143.
+# A SIGTERM or SIGUSR1 sent to this script (`scancel --batch --signal=USR1 JOB`) does the same, and so does a
+# SIGTERM or SIGUSR1 that reaches node.sh directly, however often and whichever processes Slurm signals (any
+# ProctrackType: linuxproc, pgid, cgroup). When the nodes report 143 the script runs `scontrol requeue
+# $SLURM_JOB_ID` and exits 0 (the attempt ended as planned; Slurm ends the job and queues it again); the requeued
+# job runs this script with the same arguments and the trainer resumes from <trainer.dir>/checkpoints/latest by
+# itself. Without a requeue (REQUEUE=0, or scontrol refused) it exits 143: submit the same command again to resume.
+# A run that ends exits 0; any other status is the trainers' (3 bad steps, 2 bad input) or the launch's failure,
+# and is not requeued. `scancel JOB` (no signal) cancels: Slurm sends SIGTERM, the trainers checkpoint if they can
+# within the cluster's KillWait, and are killed otherwise; `latest` only ever names a complete checkpoint.
+# The lead must cover a step plus a checkpoint: `sbatch --signal=B:USR1@600 ...` for slow file systems, and then
+# export SIGNAL_LEAD=600 too (Slurm does not tell a job its --signal). A job whose --time is not longer than the
+# lead is refused at its start (it would get the signal at once and requeue itself forever, a step at a time).
+#
+# Pre-emption by a higher-priority partition sends the same SIGUSR1 when slurm.conf asks for it, with the
+# pre-empted job requeued (JobRequeue=1 or this script's --requeue) and given a GraceTime that covers a step plus
+# a checkpoint:
+#   Slurm 23.02 and later:  PreemptMode=REQUEUE  PreemptParameters=send_user_signal
+#   Slurm 22.05 and older:  PreemptMode=REQUEUE  SlurmctldParameters=preempt_send_user_signal
+#                           (PreemptParameters does not exist there: slurmctld refuses to start)
+# Without it Slurm sends SIGTERM to the job's processes at pre-emption, which takes the same path (node.sh gets it
+# under every ProctrackType) but only the GraceTime is left for the checkpoint.
+#
+# CPU-only nodes (no GPUs, e.g. trying it out with experiment=debug_cpu_tp2_ep2): override the GPU request, which a
+# node without GPUs refuses ("Invalid generic resource (gres) specification"), and say how many ranks to start:
+#   GPUS_PER_NODE=4 sbatch --gpus-per-node=0 launch/sft_moe.sh experiment=debug_cpu_tp2_ep2
 #
 # Environment (export before sbatch; every default applies only when unset):
 #   GPUS_PER_NODE      ranks per node (default: SLURM_GPUS_ON_NODE, else 8)
@@ -37,6 +52,7 @@
 #   CONTAINER_MOUNTS   more mounts, srun --container-mounts syntax (src:dst[,src:dst...])
 #   MASTER_ADDR/PORT   rendezvous (default: first node of the job, port derived from the job id)
 #   REQUEUE            0: do not requeue after a checkpointed stop (default 1)
+#   SIGNAL_LEAD        seconds of the --signal lead above (default 300), to refuse a --time that is not longer
 #   NCCL_*, TORCH_NCCL_*, CUDA_DEVICE_MAX_CONNECTIONS, TORCH_ELASTIC_SHUTDOWN_TIMEOUT: see slurm/env.sh
 set -euo pipefail
 
@@ -61,10 +77,24 @@ qw_srun_command
 qw_log "job $SLURM_JOB_ID (start $((${SLURM_RESTART_COUNT:-0} + 1))): $QW_NNODES node(s) x $(qw_nproc_per_node) ranks," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT${CONTAINER_IMAGE:+, image $CONTAINER_IMAGE}"
 
+# A time limit that leaves no time before the stop signal: refuse, rather than checkpoint a step and requeue forever.
+lead=${SIGNAL_LEAD:-300}
+[[ $lead =~ ^[0-9]+$ ]] || qw_die "SIGNAL_LEAD=$lead: give the --signal lead in seconds (e.g. 300)"
+limit=$(qw_job_time_limit_s "$SLURM_JOB_ID")
+if [[ -n $limit ]] && ((limit <= lead)); then
+    qw_die "job $SLURM_JOB_ID has --time of ${limit}s, not longer than the ${lead}s lead of its stop signal" \
+        "(--signal=B:USR1@$lead): it would checkpoint at once and requeue forever. Submit with a longer --time," \
+        "or a shorter lead: sbatch --signal=B:USR1@N with SIGNAL_LEAD=N exported"
+fi
+
 srun_pid=
 stop_asked=
 # shellcheck disable=SC2329  # run by the traps below
 stop_step() {
+    if [[ -n $stop_asked ]]; then
+        qw_log "SIG$1 again: the trainers are already checkpointing"
+        return 0  # a bare return in a trap handler returns the interrupted command's status, and set -e exits
+    fi
     stop_asked=$1
     qw_log "SIG$1: asking the trainers to checkpoint and stop (SIGUSR1 through srun)"
     [[ -z $srun_pid ]] || kill -s USR1 "$srun_pid" 2>/dev/null || true
@@ -78,17 +108,23 @@ srun_pid=$!
 [[ -z $stop_asked ]] || kill -s USR1 "$srun_pid" 2>/dev/null || true
 rc=0
 qw_wait "$srun_pid" || rc=$?
+# The step is over: a signal from now on (`scontrol requeue` below makes Slurm signal this script and its children,
+# `date` in qw_log included) has nothing left to stop.
+trap '' USR1 TERM
 
 case $rc in
     0)
         qw_log "training finished"
         ;;
     143)
-        if [[ ${REQUEUE:-1} == 1 ]] && scontrol requeue "$SLURM_JOB_ID"; then
-            qw_log "trainers checkpointed and stopped (143): job $SLURM_JOB_ID requeued; it resumes from the latest checkpoint"
-            rc=0
+        if [[ ${REQUEUE:-1} == 1 ]]; then
+            qw_log "trainers checkpointed and stopped (143): requeueing job $SLURM_JOB_ID; it resumes from the" \
+                "latest checkpoint"
+            scontrol requeue "$SLURM_JOB_ID" && exit 0
+            qw_log "scontrol requeue refused: submit the same command again to resume"
         else
-            qw_log "trainers checkpointed and stopped (143), job not requeued: submit the same command again to resume"
+            qw_log "trainers checkpointed and stopped (143), job not requeued (REQUEUE=$REQUEUE): submit the same" \
+                "command again to resume"
         fi
         ;;
     *)

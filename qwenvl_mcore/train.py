@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
     from qwenvl_mcore.training.trainer import train
 
     try:
-        status = train(cfg, early_signals=early)
+        # slurm/node.sh asks its trainers to stop by creating this file (and may also signal them).
+        status = train(cfg, early_signals=early, stop_file=os.environ.get("QW_STOP_FILE"))
     except (ConfigError, CheckpointError, ModelConfigError, LayoutError, DataError) as e:
         report_error(str(e))
         return EXIT_BAD_INPUT

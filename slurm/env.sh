@@ -65,9 +65,9 @@ qw_torch_defaults() {
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     # Ranks' lines reach the Slurm log as they are printed, interleaved in time order.
     export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
-    # After torchrun passes a stop signal on, how long the trainers may take to finish their step and write the
-    # checkpoint before torchrun kills them (torch's default, 30 s, is far too short for a 30B/235B checkpoint).
-    # Slurm's time limit, after the --signal lead time, stays the hard bound.
+    # After an abort (SIGINT/SIGHUP) or a failed rank, how long torchrun lets the other trainers end before it kills
+    # them (torch's default, 30 s, can cut a 30B/235B checkpoint write short). A stop does not go through torchrun
+    # (slurm/node.sh); Slurm's time limit, after the --signal lead time, stays the hard bound.
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 }
 
@@ -134,6 +134,31 @@ qw_srun_command() {
     fi
 }
 
+# Seconds of a Slurm duration as squeue prints a time limit (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); empty for
+# UNLIMITED, NOT_SET, INVALID or anything else.
+qw_duration_s() {
+    local t=$1 days=0 h=0 m=0 sec=0
+    [[ $t =~ ^[0-9]+(-[0-9]+)?(:[0-9]+){0,2}$ ]] || return 0
+    if [[ $t == *-* ]]; then
+        days=${t%%-*}
+        t=${t#*-}
+        IFS=: read -r h m sec <<<"$t"
+    else
+        case $(tr -dc : <<<"$t" | wc -c) in
+            0) m=$t ;;
+            1) IFS=: read -r m sec <<<"$t" ;;
+            *) IFS=: read -r h m sec <<<"$t" ;;
+        esac
+    fi
+    printf '%d\n' $(((10#$days * 24 + 10#${h:-0}) * 3600 + 10#${m:-0} * 60 + 10#${sec:-0}))
+}
+# The time limit of job ID in seconds (squeue), or nothing when unlimited or unknown (no squeue, no answer).
+qw_job_time_limit_s() {
+    local limit
+    command -v squeue >/dev/null 2>&1 || return 0
+    limit=$(squeue --noheader --jobs="$1" --format=%l 2>/dev/null) || return 0
+    qw_duration_s "${limit//[[:space:]]/}"
+}
 # Waits for the child PID and returns its exit status, going on waiting when a trapped signal interrupts `wait`
 # (bash then returns 128+signal while the child runs on).
 qw_wait() {

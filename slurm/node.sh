@@ -13,13 +13,15 @@
 # on a free port); PYTHON (see slurm/env.sh).
 #
 # Signals: SIGTERM and SIGUSR1 ask the trainers for a checkpoint and a clean stop (exit 143), SIGINT and SIGHUP
-# abort. torchrun passes the signal it gets on to each rank's process group, and must get a stop exactly once: a
-# second signal while it waits for the checkpoint starts another round with SIGTERM, and a SIGTERM that does not
-# come from their trainer kills its DataLoader worker processes (torch's handler), so the trainer fails instead.
-# - As a Slurm task (SLURM_STEP_ID set): Slurm signals the task's process group (proctrack/pgid) or every process
-#   of the step (proctrack/cgroup); torchrun stays in this script's process group and gets the signal directly.
-# - Otherwise (launch/local.sh: `kill PID`, Ctrl-C): torchrun runs in a process group of its own and this script
-#   passes each signal on, a stop as SIGUSR1, which DataLoader workers take in stride.
+# abort. A stop reaches the trainers one way, whatever Slurm signals: this script creates $QW_STOP_FILE, which every
+# trainer checks after each step. Slurm may signal only this task (proctrack/cgroup signals a step's tasks, not
+# their children), its process group (pgid), or every process of the step (linuxproc), once or several times
+# (srun forwarding, --signal, scancel, pre-emption): everything below this script tolerates that. torchrun
+# ignores stop signals (slurm/torchrun.py), rank.py outlives its trainer, a trainer signalled directly only learns
+# earlier what the file says, DataLoader workers ignore them, and megatron's checkpoint writer has no helper process
+# to lose (qwenvl_mcore/checkpoint/write_results.py). The first SIGINT or SIGHUP is passed on to torchrun, which
+# runs in a process group of its own, and stops the trainers without a checkpoint. Every process of the node dies
+# with this script (PR_SET_PDEATHSIG down the chain torchrun -> rank.py -> trainer).
 set -euo pipefail
 # shellcheck source=slurm/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -46,34 +48,41 @@ QW_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/qwenvl-node${node_rank}.XXXXXX")
 export QW_STATUS_DIR
 trap 'rm -rf "$QW_STATUS_DIR"' EXIT
 
+export QW_STOP_FILE=$QW_STATUS_DIR/stop
 torchrun_pid=
-under_slurm=${SLURM_STEP_ID:+1}
+stop_asked=
+abort_sent=
 # shellcheck disable=SC2329  # run by the traps below
-on_signal() {
-    if [[ -n $under_slurm ]]; then
-        qw_log "node $node_rank: SIG$1 (torchrun got it too)"
-    elif [[ -n $torchrun_pid ]]; then
-        local sig=$1
-        [[ $sig != TERM ]] || sig=USR1
-        qw_log "node $node_rank: SIG$1, passed on to torchrun as SIG$sig"
-        kill -s "$sig" "$torchrun_pid" 2>/dev/null || true
+on_stop() {
+    if [[ -n $stop_asked ]]; then
+        qw_log "node $node_rank: SIG$1 again; the trainers are already checkpointing"
+        return 0  # a bare return in a trap handler returns the interrupted command's status, and set -e exits
     fi
+    stop_asked=$1
+    : >"$QW_STOP_FILE"
+    qw_log "node $node_rank: SIG$1: asking the trainers to checkpoint after this step and stop"
 }
-for sig in TERM USR1 INT HUP; do
-    # shellcheck disable=SC2064  # the signal name is meant to be expanded now
-    trap "on_signal $sig" "$sig"
-done
+# shellcheck disable=SC2329
+on_abort() {
+    [[ -z $abort_sent && -n $torchrun_pid ]] || return 0
+    abort_sent=$1
+    qw_log "node $node_rank: SIG$1: stopping the trainers without a checkpoint"
+    kill -s "$1" "$torchrun_pid" 2>/dev/null || true
+}
+trap 'on_stop TERM' TERM
+trap 'on_stop USR1' USR1
+trap 'on_abort INT' INT
+trap 'on_abort HUP' HUP
 
 qw_log "node $node_rank/$nnodes: $nproc ranks, rendezvous ${MASTER_ADDR:-standalone}${MASTER_PORT:+:$MASTER_PORT}, $python"
-# torchrun handles SIGUSR1 as well as its default signals and waits for the trainers' checkpoint up to
-# TORCH_ELASTIC_SHUTDOWN_TIMEOUT; rank.py records each trainer's status. slurm/torchrun.py is torchrun without its
+# rank.py records each trainer's status. slurm/torchrun.py is torchrun without its
 # 50-line report of failed ranks: after a failure or a passed-on signal it ends with one line and status 1, and the
 # trainers' statuses (and their error messages, printed once below) are what counts. OMP_NUM_THREADS=1 is what
 # torchrun sets for several ranks anyway; set here, torchrun does not print its banner about it.
 ((nproc == 1)) || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-[[ -n $under_slurm ]] || set -m # torchrun in a process group of its own (see Signals above)
+set -m # torchrun in a process group of its own: a Ctrl-C reaches it once, through on_abort
 "$python" "$QW_ROOT/slurm/torchrun.py" "${rendezvous[@]}" --nproc-per-node="$nproc" --max-restarts=0 \
-    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
     "$QW_ROOT/slurm/rank.py" -m qwenvl_mcore.train "$@" &
 torchrun_pid=$!
 set +m

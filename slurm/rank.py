@@ -2,6 +2,10 @@
 runs this interpreter with the given arguments and leaves how it ended in $QW_STATUS_DIR/rank_$LOCAL_RANK, its
 exit status or "signal N". torchrun exits 1 whatever its ranks returned, and to a shell a trainer killed by SIGTERM
 (before it handles the signal) would look like its own 143, the status of a checkpointed stop.
+
+Neither this process nor the trainer outlives its parent: each is SIGKILLed by the kernel when the process that
+started it dies (torchrun, then this one), so a job step whose torchrun is killed leaves no trainer behind, under
+any Slurm process tracking (linuxproc loses processes that re-parent to init; pgid those in other sessions).
 """
 
 import os
@@ -9,13 +13,18 @@ import signal
 import subprocess
 import sys
 
+from qwenvl_mcore.lifetime import die_with_parent
+
 
 def main() -> int:
-    # torchrun signals this rank's whole process group, the trainer included: this process only has to outlive the
-    # trainer to record how it ended. The trainer starts with the default dispositions (exec resets handlers).
+    die_with_parent(os.getppid())
+    # Stop signals are the trainer's business (slurm/node.sh asks it through $QW_STOP_FILE; under Slurm's linuxproc
+    # tracking every process of the step is signalled too): this process only has to outlive the trainer to record
+    # how it ended. The trainer starts with the default dispositions (exec resets handlers).
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, lambda *_: None)
-    rc = subprocess.call([sys.executable, *sys.argv[1:]])
+    me = os.getpid()
+    rc = subprocess.call([sys.executable, *sys.argv[1:]], preexec_fn=lambda: die_with_parent(me))
     status_dir = os.environ.get("QW_STATUS_DIR")
     if status_dir:
         with open(os.path.join(status_dir, f"rank_{os.environ['LOCAL_RANK']}"), "w") as f:

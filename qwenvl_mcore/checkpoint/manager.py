@@ -16,7 +16,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from qwenvl_mcore.checkpoint import model_io
+from qwenvl_mcore.checkpoint import model_io, write_results
 
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -72,6 +72,7 @@ def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtyp
             error = e
     if _agreed_error(error, staging, save_root) is None:
         try:
+            write_results.use_in_process_queue()
             dist_checkpointing.save(state, staging)
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             error = e

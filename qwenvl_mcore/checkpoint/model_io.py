@@ -163,6 +163,9 @@ def save_model(ckpt_dir: str, chunks) -> None:
     """Save this rank's model chunks with megatron's distributed checkpointing (collective; `ckpt_dir` exists)."""
     from megatron.core import dist_checkpointing
 
+    from qwenvl_mcore.checkpoint import write_results
+
+    write_results.use_in_process_queue()
     dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
 
 

@@ -10,7 +10,6 @@ Exceptions on any rank are re-raised in the caller as RankError with the rank's 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import signal
@@ -24,7 +23,8 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-_PR_SET_PDEATHSIG = 1
+from qwenvl_mcore.lifetime import die_with_parent
+
 SIGTERM_EXIT_CODE = 143
 
 
@@ -33,18 +33,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent exits (Linux; elsewhere a no-op); exit now if the parent is already
-    gone (it may have died before this call). The kernel ties this to the thread that spawned us: spawn from
-    the main thread."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, parent_pid: int, fn: Callable, args: tuple,

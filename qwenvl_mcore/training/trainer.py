@@ -461,19 +461,26 @@ def evaluate(run: Run, dataset) -> dict:
 
 # -- the loop ------------------------------------------------------------------------------------------------------
 class StopSignal:
-    """SIGTERM (Slurm pre-emption, time limit) or SIGUSR1 asks for a checkpoint and a clean stop; ranks agree on it
-    after every step, since the signal may reach them at different moments."""
+    """SIGTERM (Slurm pre-emption, time limit) or SIGUSR1 asks for a checkpoint and a clean stop, and so does the
+    existence of `stop_file` (slurm/node.sh creates it: a file, unlike a signal, can neither be lost before the
+    handlers exist nor arrive twice). Ranks agree on it after every step, since the request may reach them at
+    different moments. Receiving it again changes nothing."""
 
-    def __init__(self, early: list | None = None):
+    def __init__(self, early: list | None = None, stop_file: str | None = None):
         self.received = False
         self.early = early if early is not None else []  # signals recorded before the run was built (entry point)
+        self.stop_file = stop_file
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
         self.received = True
 
+    def asked(self) -> bool:
+        """Whether this rank has been asked to stop (by a signal or the stop file)."""
+        return self.received or bool(self.early) or bool(self.stop_file and os.path.exists(self.stop_file))
+
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received or self.early else 0.0])
+        flag = torch.tensor([1.0 if self.asked() else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -482,10 +489,11 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_signals: list | None = None) -> str:
+def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_signals: list | None = None,
+          stop_file: str | None = None) -> str:
     """Run (or resume) the training run `cfg` on this rank; returns COMPLETED, PREEMPTED or BAD_STEPS.
-    `train_dataset`/`valid_dataset` replace the configured data (tests, notebooks)."""
-    stop = StopSignal(early_signals)
+    `train_dataset`/`valid_dataset` replace the configured data (tests, notebooks); `stop_file`: see StopSignal."""
+    stop = StopSignal(early_signals, stop_file)
     start = start_run(cfg)
     if start.resume_step is not None and start.resume_step >= cfg.trainer.steps:
         start.release()

@@ -36,6 +36,13 @@ def _leftovers(marker: str) -> list[int]:
     return found
 
 
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:150]}"
+    except psutil.Error:
+        return f"{pid}: (gone)"
+
+
 def run_local(tmp_path: Path, *overrides: str) -> tuple[int, str, float]:
     """(status, output, seconds from the trainer's start line to the launcher's exit)."""
     log_path = tmp_path / "out.log"
@@ -106,3 +113,38 @@ def test_a_binary_file_as_data_exits_2_naming_the_skips(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "data_skips.jsonl").read_text().splitlines()]
     assert len(logged) == 6 and {r["reason"] for r in logged} == {"bad_json"}
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
+def test_a_killed_launcher_leaves_no_process(tmp_path):
+    """SIGKILL to the node's launcher (what Slurm does at the end of a step; linuxproc tracking then loses whatever
+    re-parented to init): torchrun, rank.py, the trainers and their DataLoader workers all go with it (issue 17)."""
+    log_path = tmp_path / "out.log"
+    marker = uuid.uuid4().hex
+    command = [str(ROOT / "launch" / "local.sh"), "--nproc", "2", "data.num_workers=1", "data.global_batch_size=2",
+               "trainer.steps=200", "logging.progress_bar=false", "logging.tensorboard=false",
+               f"trainer.dir={tmp_path / 'run'}"]
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHON": sys.executable, "QW_TEST_MARKER": marker})
+            deadline = time.time() + 300
+            while "step 1 " not in log_path.read_text():
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-4000:]
+                time.sleep(0.2)
+            running = _leftovers(marker)
+            proc.kill()
+            proc.wait()
+            deadline = time.time() + 20  # DataLoader workers notice a dead trainer within torch's 5 s check
+            while _leftovers(marker) and time.time() < deadline:
+                time.sleep(0.2)
+            left = _leftovers(marker)
+            described = [_describe(pid) for pid in left]
+    finally:
+        for pid in _leftovers(marker):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    # node.sh, torchrun, 2 x (rank.py, trainer, worker) at least
+    assert len(running) >= 8, running
+    assert not left, described

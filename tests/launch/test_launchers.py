@@ -7,7 +7,7 @@
   experiment at TP2 x EP2 on 4 ranks. After the first logged step the batch script gets SIGTERM, as from
   `scancel --batch --signal=TERM` (its B:USR1 lead-time signal takes the same path): the trainers checkpoint and
   exit 143, the script requeues the job and exits 0; the same command started again resumes and completes;
-- launch/local.sh stops on `kill -TERM` with the trainer's checkpoint and status 143; launch/convert.sh passes its
+- launch/local.sh stops on `kill -USR1` after a periodic checkpoint with the trainer's checkpoint and status 143; launch/convert.sh passes its
   arguments through srun to the converter.
 """
 
@@ -73,6 +73,12 @@ def test_rendezvous_helpers():
     assert bash("qw_python", PYTHON="/opt/py") == "/opt/py"
     assert bash("qw_python", CONTAINER_IMAGE="img.sqsh") == "python3"  # not the host's venv inside an image
     assert bash("qw_torch_defaults; echo $NCCL_IB_TIMEOUT", NCCL_IB_TIMEOUT="19") == "19"  # the user's wins
+
+
+def test_time_limits_as_squeue_prints_them():
+    limits = ["5:00", "1:30", "1:00:00", "2-00:00:00", "1-2", "1-2:30", "08:05", "UNLIMITED", "NOT_SET", ""]
+    seconds = bash(" ".join(f'echo "[$(qw_duration_s "{t}")]";' for t in limits)).split()
+    assert seconds == ["[300]", "[90]", "[3600]", "[172800]", "[93600]", "[95400]", "[485]", "[]", "[]", "[]"]
 
 
 # -- the simulated Slurm job ---------------------------------------------------------------------------------------
@@ -172,8 +178,8 @@ def test_sigterm_checkpoints_requeues_and_the_next_start_resumes(job):
     assert 0 < step < STEPS and Path(stopped.group(2)).name == f"step_{step:07d}"
     # every trainer exited 143, each node and srun reported it, the script requeued the job and exited 0
     assert "SIGTERM: asking the trainers to checkpoint and stop (SIGUSR1 through srun)" in job.first
-    for node in (0, 1):
-        assert f"node {node}: SIGUSR1 (torchrun got it too)" in job.first
+    for node in (0, 1):  # srun signals each node's process group: node.sh alone, torchrun has a group of its own
+        assert f"node {node}: SIGUSR1: asking the trainers to checkpoint after this step and stop" in job.first
         assert f"node {node}: trainer exit statuses [143,143], torchrun 1 -> 143" in job.first
     assert "srun task 0 exited 143" in job.slurm_first and "srun task 1 exited 143" in job.slurm_first
     assert job.slurm_first.count(f"scontrol requeue {job.job_id}") == 1
@@ -219,32 +225,40 @@ def test_a_bad_layout_is_reported_once_without_launcher_noise(tmp_path):
     assert len(out.splitlines()) <= 6, out  # + torchrun's one line about stopping the other rank
 
 
-def test_local_stops_on_sigterm_with_the_trainers_status(tmp_path):
-    """`kill -TERM` to launch/local.sh: passed on to torchrun (as SIGUSR1), the trainer checkpoints, and its status
-    143 comes back through torchrun (which itself exits 1)."""
+def test_local_stops_on_sigusr1_after_a_periodic_checkpoint(tmp_path):
+    """`kill -USR1` to launch/local.sh after a periodic checkpoint (issue 17: megatron's writer lost its results
+    queue to the first save's stop signal, and the stop checkpoint failed with BrokenPipeError), then a SIGTERM
+    while the trainer is stopping: one stop, a checkpoint, and the trainer's status 143 back through torchrun."""
     run_dir = tmp_path / "run"
-    metrics = run_dir / "logs" / "metrics.jsonl"
-    overrides = [o for o in OVERRIDES if not o.startswith(("experiment=", "trainer.steps="))]
+    latest = run_dir / "checkpoints" / "latest"
+    overrides = [o for o in OVERRIDES if not o.startswith(("experiment=", "trainer.steps=", "checkpoint.every="))]
     command = [str(ROOT / "launch" / "local.sh"), "--nproc", "1", "trainer.steps=100", "data.global_batch_size=2",
-               *overrides, f"trainer.dir={run_dir}"]
+               "checkpoint.every=2", *overrides, f"trainer.dir={run_dir}"]
     marker = uuid.uuid4().hex
     try:
         with open(tmp_path / "out.log", "w") as log:
             proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHON": sys.executable, "QW_TEST_MARKER": marker})
             deadline = time.time() + 300
-            while not (metrics.exists() and metrics.read_text().strip()):
+            while not latest.exists():  # the periodic checkpoint of step 2 is published
                 assert proc.poll() is None and time.time() < deadline, (tmp_path / "out.log").read_text()[-4000:]
                 time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)  # a second stop (Slurm may send several): changes nothing
             rc = proc.wait(timeout=300)
     finally:
         kill_leftovers(marker)
     out = (tmp_path / "out.log").read_text()
     assert rc == 143, out[-4000:]
-    assert "SIGTERM, passed on to torchrun as SIGUSR1" in out and "stopped by signal at step" in out
-    assert "trainer exit statuses [143], torchrun 1 -> 143" in out
-    assert (run_dir / "checkpoints" / "latest").exists()
+    assert "SIGUSR1: asking the trainers to checkpoint after this step and stop" in out
+    assert "SIGTERM again; the trainers are already checkpointing" in out
+    stopped = re.search(r"stopped by signal at step (\d+); checkpoint (.+?);", out)
+    assert stopped and int(stopped.group(1)) >= 2, out[-4000:]
+    assert "trainer exit statuses [143], torchrun 1 -> 143" in out, out[-4000:]
+    assert latest.read_text().strip() == f"step_{int(stopped.group(1)):07d}"
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # nothing half-written
+    assert "BrokenPipeError" not in out and "Traceback" not in out, out[-4000:]
 
 
 def test_convert_passes_arguments_through_srun(tmp_path):

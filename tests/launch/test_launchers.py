@@ -180,7 +180,7 @@ def test_sigterm_checkpoints_requeues_and_the_next_start_resumes(job):
     assert "SIGTERM: asking the trainers to checkpoint and stop (SIGUSR1 through srun)" in job.first
     for node in (0, 1):  # srun signals each node's process group: node.sh alone, torchrun has a group of its own
         assert f"node {node}: SIGUSR1: asking the trainers to checkpoint after this step and stop" in job.first
-        assert f"node {node}: trainer exit statuses [143,143], torchrun 1 -> 143" in job.first
+        assert f"node {node}: trainer exit statuses [143,143], torchrun 0 -> 143" in job.first
     assert "srun task 0 exited 143" in job.slurm_first and "srun task 1 exited 143" in job.slurm_first
     assert job.slurm_first.count(f"scontrol requeue {job.job_id}") == 1
     assert job.first_rc == 0
@@ -255,7 +255,7 @@ def test_local_stops_on_sigusr1_after_a_periodic_checkpoint(tmp_path):
     assert "SIGTERM again; the trainers are already checkpointing" in out
     stopped = re.search(r"stopped by signal at step (\d+); checkpoint (.+?);", out)
     assert stopped and int(stopped.group(1)) >= 2, out[-4000:]
-    assert "trainer exit statuses [143], torchrun 1 -> 143" in out, out[-4000:]
+    assert "trainer exit statuses [143], torchrun 0 -> 143" in out, out[-4000:]
     assert latest.read_text().strip() == f"step_{int(stopped.group(1)):07d}"
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # nothing half-written
     assert "BrokenPipeError" not in out and "Traceback" not in out, out[-4000:]

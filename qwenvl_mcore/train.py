@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 4 -m qwenvl_mcore.train experiment=debug_cpu_tp2_ep2
     torchrun ... -m qwenvl_mcore.train experiment=sft_30b_a3b_2x8xh100 model.init_from=ckpt/qwen3vl-30b optim.lr=5e-6
 
-The run resumes by itself from <checkpoint.dir>/latest. Exit status: 0 done, 143 stopped by SIGTERM/SIGUSR1 after
-checkpointing (start the same command again to resume), 3 too many non-finite steps, 2 bad configuration or input.
+The run resumes by itself from <checkpoint.dir>/latest. Exit status: 0 done, 143 stopped by SIGTERM/SIGUSR1 (or by
+the file $QW_STOP_FILE appearing: slurm/node.sh's way of asking) after checkpointing (start the same command again to
+resume), 3 too many non-finite steps, 2 bad configuration or input.
 `--print-config` prints the resolved configuration and exits. SIGUSR2 prints every thread's Python stack to stderr
 (a run that seems stuck: `pkill -USR2 -f qwenvl_mcore.train`) and lets the run go on.
 """

@@ -36,6 +36,14 @@ def _leftovers(marker: str) -> list[int]:
     return found
 
 
+def _kill_leftovers(marker: str) -> None:
+    for pid in _leftovers(marker):
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+
+
 def _describe(pid: int) -> str:
     try:
         return f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:150]}"
@@ -66,11 +74,7 @@ def run_local(tmp_path: Path, *overrides: str) -> tuple[int, str, float]:
             waited = time.time() - started
         left = _leftovers(marker)
     finally:
-        for pid in _leftovers(marker):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+        _kill_leftovers(marker)
     out = log_path.read_text()
     assert rc is not None, f"still running {AFTER_START_S} s after the start line:\n{out[-4000:]}"
     assert not left, f"processes of the run left behind: {left}\n{out[-4000:]}"
@@ -140,11 +144,7 @@ def test_a_killed_launcher_leaves_no_process(tmp_path):
             left = _leftovers(marker)
             described = [_describe(pid) for pid in left]
     finally:
-        for pid in _leftovers(marker):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+        _kill_leftovers(marker)
     # node.sh, torchrun, 2 x (rank.py, trainer, worker) at least
     assert len(running) >= 8, running
     assert not left, described

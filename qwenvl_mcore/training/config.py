@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qwenvl_mcore.data.build import render_options
 from qwenvl_mcore.data.mixing import dataset_specs
+from qwenvl_mcore.lora.config import LoRAConfig, LoRAConfigError
 from qwenvl_mcore.parallel.layout import ParallelLayout
 from qwenvl_mcore.training.setup import OptimSettings
 
@@ -133,6 +134,7 @@ class TrainConfig:
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
     logging: LoggingConf = field(default_factory=LoggingConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
+    peft: LoRAConfig = field(default_factory=LoRAConfig)  # conf/peft/: none (full training) | lora
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -213,6 +215,15 @@ def validate(cfg: DictConfig) -> None:
         layout_of(cfg).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        lora = LoRAConfig(**OmegaConf.to_container(cfg.peft))
+        lora.validate()
+    except LoRAConfigError as e:
+        raise ConfigError(str(e)) from None
+    if lora.enabled:
+        # The adapters exist (qwenvl_mcore.lora) but the trainer does not apply them yet (issue 18): refusing is
+        # safer than silently training the full model.
+        raise ConfigError("peft=lora: LoRA training is not wired into the trainer yet (issue 18); use peft=none.")
     if cfg.model.freeze_vision and cfg.model.freeze_merger and cfg.model.freeze_language:
         raise ConfigError("model.freeze_vision, freeze_merger and freeze_language are all true: nothing would train.")
 

@@ -166,14 +166,23 @@ class GroupedExperts(MegatronModule):
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
         counts = tokens_per_expert  # a tensor or a list; expert_matmul takes either
         grouped = use_grouped_mm(hidden) if self.grouped_gemm is None else self.grouped_gemm
-        e_l, h = self.num_local_experts, self.config.hidden_size
-        gate_up = expert_matmul(hidden, self.weight1.view(e_l, h, 2 * self.ffn_local), counts, grouped=grouped)
+        gate_up = self.project_gate_up(hidden, counts, grouped)
         gate, up = gate_up.view(-1, 2, self.ffn_local).unbind(1)
         inter = self.activation(gate) * up
-        out = expert_matmul(inter, self.weight2, counts, grouped=grouped)
+        out = self.project_down(inter, counts, grouped)
         # transformers scales each expert's output by its routing weight after the down projection.
         out = out * probs.unsqueeze(-1).to(out.dtype)
         return out, None
+
+    # The two projections, separate so that qwenvl_mcore.lora can add its per-expert adapters to them.
+    def project_gate_up(self, hidden: torch.Tensor, counts, grouped: bool) -> torch.Tensor:
+        """[T, hidden] rows sorted by expert -> [T, 2 * F_l] (gate half, then up half)."""
+        e_l, h = self.num_local_experts, self.config.hidden_size
+        return expert_matmul(hidden, self.weight1.view(e_l, h, 2 * self.ffn_local), counts, grouped=grouped)
+
+    def project_down(self, inter: torch.Tensor, counts, grouped: bool) -> torch.Tensor:
+        """[T, F_l] -> [T, hidden] (partial over expert-TP ranks; the dispatcher sums them)."""
+        return expert_matmul(inter, self.weight2, counts, grouped=grouped)
 
     def backward_dw(self) -> None:  # megatron's delayed-wgrad hook; nothing is delayed here
         return None

@@ -11,4 +11,5 @@ demo: env
 
 # Whole test suite (unit + multi-rank gloo tests on the CPU).
 test: env
+	@bash tests/slurm/ensure_slurm.sh
 	@.venv/bin/python -m pytest -q tests

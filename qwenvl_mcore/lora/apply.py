@@ -57,6 +57,10 @@ def apply_lora(chunks, cfg: LoRAConfig) -> list[tuple[str, torch.nn.Parameter]]:
     if not cfg.enabled:
         raise LoRAConfigError("apply_lora called with peft.method=none")
     kinds = cfg.target_set()
+    if cfg.dropout > 0 and any(_unwrap(c).config.tensor_model_parallel_size > 1 for c in chunks):
+        # A replicated input (the ViT's column-parallel linears) would need the same dropout mask on every TP rank,
+        # which nothing here guarantees yet.
+        raise LoRAConfigError(f"peft.dropout={cfg.dropout} needs parallel.tp=1 for now; set peft.dropout=0.")
     matched = {k: 0 for k in sorted(kinds)}
     out = []
     for chunk in chunks:

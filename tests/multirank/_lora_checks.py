@@ -101,11 +101,12 @@ def _rel(ours: dict, ref: dict) -> tuple[float, str | None]:
 
 
 def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bool = False,
-                       train: bool = True, grouped_gemm: bool | None = None) -> dict:
+                       train: bool = True, grouped_gemm: bool | None = None, lora: dict | None = None) -> dict:
     """Logits (FORWARD_KINDS) and every adapter gradient (GRAD_KIND) of our model with a peft adapter loaded
     against transformers + the same adapter through peft; the round trip of the adapter tensors; with `train`, a
     few frozen-base optimizer steps; with `subset`, subset_checks. `grouped_gemm` forces the experts' grouped GEMM
-    (True) or loop (False) path, adapters included (None: the default, the loop on the CPU)."""
+    (True) or loop (False) path, adapters included (None: the default, the loop on the CPU). `lora`: settings
+    over LORA (rsLoRA, alpha)."""
     layout = ParallelLayout(**layout_kwargs)
     parity.start(layout)
     tokenizer = tiny.build_tokenizer()
@@ -118,8 +119,10 @@ def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bo
         for layer in c.decoder.layers:
             layer.mlp.experts.grouped_gemm = grouped_gemm
     args = args_from_hf_config(hf.config)
-    cfg = LoRAConfig(**LORA)
+    cfg = LoRAConfig(**(LORA | (lora or {})))
     adapters = apply_lora(chunks, cfg)
+    # apply_lora's own init (A drawn per global tensor, B = 0): the same global tensors at every layout
+    out["init_sums"] = {k: float(v.double().sum()) for k, v in gather_peft_tensors(chunks, args).items()}
     out.update(last_stage=parallel_state.is_pipeline_last_stage(), n_adapters=len(adapters),
                sharded_mismatch=sharded_mismatch(chunks))
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,15 +17,14 @@ from qwenvl_mcore.testing.dist import run_on_ranks
 from _lora_checks import FORWARD_KINDS, lora_parity_checks
 
 # name: (ranks, layout, launch options). ep2_etp2 runs the experts' grouped GEMM path (torch's grouped_mm, the
-# GPU default) for base and adapters alike; the others the per-expert loop, the CPU default.
+# GPU default) for base and adapters alike, and rsLoRA scaling; the others the per-expert loop, the CPU default.
 LAYOUTS = {
     "tp1_ep1": (1, dict(), dict(subset=True)),
     "tp2_ep2_sp": (4, dict(tp=2, ep=2, sequence_parallel=True), dict()),
-    "ep2_etp2": (4, dict(ep=2, etp=2), dict(train=False, grouped_gemm=True)),
+    "ep2_etp2": (4, dict(ep=2, etp=2), dict(train=False, grouped_gemm=True, lora=dict(rslora=True, alpha=3.0))),
     "pp2_tp2_ep2_sp": (4, dict(pp=2, tp=2, ep=2, sequence_parallel=True), dict(train=False)),
 }
 TRAINED = ("tp1_ep1", "tp2_ep2_sp")
-SLOW = {"pp2_tp2_ep2_sp"}
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
 # tiny model: 4 LLM layers x (q, k, v, o, experts gate_up + down, router), 3 ViT blocks x 4, 3 mergers x 2; A and B
 N_ADAPTERS = 2 * (4 * 7 + 3 * 4 + 3 * 2)
@@ -37,7 +36,7 @@ def _launch(name: str):
     return name, run_on_ranks(lora_parity_checks, world, layout, **options)
 
 
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LAYOUTS])
+@pytest.fixture(scope="module", params=list(LAYOUTS))
 def launch(request):
     return _launch(request.param)
 
@@ -87,6 +86,18 @@ def test_adapter_gradients_match_transformers_with_peft(launch):
         assert r["base_grads"] == [], (name, rank, r["base_grads"][:5])
         covered |= set(r["grad_compared"])
     assert len(covered) == results[0]["n_peft_params"] == N_ADAPTERS
+
+
+def test_initial_adapters_do_not_depend_on_the_layout(launch):
+    """apply_lora draws A per global tensor (B = 0): gathered, every layout's initial adapters equal one rank's."""
+    name, results = launch
+    one_rank = _launch("tp1_ep1")[1][0]["init_sums"]
+    merged = {}
+    for r in results:
+        merged.update(r["init_sums"])
+    assert merged == one_rank, name
+    assert all(v == 0.0 for k, v in one_rank.items() if ".lora_B." in k)
+    assert all(v != 0.0 for k, v in one_rank.items() if ".lora_A." in k)
 
 
 @pytest.mark.parametrize("name", TRAINED)

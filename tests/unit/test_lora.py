@@ -47,7 +47,7 @@ def test_settings_checked():
         with pytest.raises(LoRAConfigError) as e:
             LoRAConfig(**kwargs).validate()
         assert needle in str(e.value), (kwargs, str(e.value))
-    LoRAConfig(method="lora", dropout=0.1, targets=["attention", "vit"]).validate()
+    LoRAConfig(method="lora", dropout=0.1, targets=["attention", "vit"]).validate()  # apply_lora: tp=1 only
     LoRAConfig(method="none", targets=[]).validate()  # off: the targets are not looked at
 
 

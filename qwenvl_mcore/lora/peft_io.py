@@ -213,5 +213,39 @@ def peft_config_fields(cfg: LoRAConfig) -> dict:
     }
 
 
+def adapter_config_json(cfg: LoRAConfig, base_model: str | None = None) -> dict:
+    """adapter_config.json of `cfg` as peft reads it (PeftConfig.from_pretrained)."""
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "revision": None,
+            "inference_mode": True, "fan_in_fan_out": False, "init_lora_weights": True, **peft_config_fields(cfg)}
+
+
+def save_peft_adapter(chunks, args, cfg: LoRAConfig, out_dir, *, base_model: str | None = None):
+    """Write this model's adapters as an HF PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors, fp32 as trained, peft's names and layouts). Collective: every rank calls it;
+    pipeline stages send their tensors to global rank 0, which writes and returns the directory (None elsewhere)."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    tensors = {k: v.cpu() for k, v in gather_peft_tensors(chunks, args, targets=cfg.target_set()).items()}
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, tensors, group=group)
+        tensors = {k: v for part in parts for k, v in part.items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config_json(cfg, base_model), indent=2) + "\n")
+    return out
+
+
 __all__ = ["PEFT_PREFIX", "peft_key", "gather_peft_tensors", "load_peft_tensors", "peft_config_fields",
+           "adapter_config_json", "save_peft_adapter",
            "strip_adapter_name", "to_peft_layout", "from_peft_layout"]

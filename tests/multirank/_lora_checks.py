@@ -101,7 +101,8 @@ def _rel(ours: dict, ref: dict) -> tuple[float, str | None]:
 
 
 def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bool = False,
-                       train: bool = True, grouped_gemm: bool | None = None, lora: dict | None = None) -> dict:
+                       train: bool = True, grouped_gemm: bool | None = None, lora: dict | None = None,
+                       export_dir: str | None = None) -> dict:
     """Logits (FORWARD_KINDS) and every adapter gradient (GRAD_KIND) of our model with a peft adapter loaded
     against transformers + the same adapter through peft; the round trip of the adapter tensors; with `train`, a
     few frozen-base optimizer steps; with `subset`, subset_checks. `grouped_gemm` forces the experts' grouped GEMM
@@ -169,7 +170,30 @@ def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bo
     for c in chunks:
         c.zero_grad(set_to_none=True)
     out["train"] = frozen_training(chunks, processor) if train else None
+    if train and export_dir:
+        out["export"] = export_checks(chunks, args, cfg, hf_config, processor, export_dir)
     return out
+
+
+def export_checks(chunks, args, cfg, hf_config, processor, out_dir: str) -> dict:
+    """Our trained adapters written by save_peft_adapter (no peft involved), loaded by PeftModel.from_pretrained:
+    logits against ours on an image batch, and the file's tensors against ours (bit for bit)."""
+    from safetensors.torch import load_file
+
+    from qwenvl_mcore.lora.peft_io import save_peft_adapter
+
+    save_peft_adapter(chunks, args, cfg, out_dir)
+    dist.barrier()
+    for c in chunks:
+        c.eval()
+    ref = _reference(hf_config, out_dir).get_base_model().eval()
+    ours = gather_peft_tensors(chunks, args, targets=cfg.target_set())
+    written = load_file(f"{out_dir}/adapter_model.safetensors")
+    return {
+        "forward": parity.compare_forward(chunks, ref, tiny.sample_inputs(processor, "image")),
+        "tensors_equal": all(torch.equal(written[k], v) for k, v in ours.items()),
+        "n_written": len(written),
+    }
 
 
 def frozen_training(chunks, processor, steps: int = 3) -> dict:

@@ -25,7 +25,6 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
-
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Qwen3VLRouter, expert_matmul
@@ -100,14 +99,14 @@ class LoRAColumnParallelLinear(ColumnParallelLinear, _Adapters):
     (`qkv_groups`), i.e. exactly peft's separate q_proj / k_proj / v_proj adapters.
     """
 
+    qkv_groups: tuple[int, dict[str, int]] | None = None  # (local KV groups, rows per group of each of q/k/v)
+
     def add_adapter(self, target: str, out_rows: int) -> None:
         """Adapter `target` writing `out_rows` local output rows (the whole output unless the linear is fused)."""
         in_size = self.weight.shape[1]
         self.lora_A[target] = _mark(_new((self.lora_rank, in_size), self.weight),
                                     sequence_parallel=self.sequence_parallel)
         self.lora_B[target] = _mark(_new((out_rows, self.lora_rank), self.weight), tp_dim=0)
-
-    qkv_groups: tuple[int, dict[str, int]] | None = None  # (local KV groups, rows per group of each of q/k/v)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         names = self.lora_targets

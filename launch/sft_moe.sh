@@ -24,10 +24,13 @@
 # ProctrackType: linuxproc, pgid, cgroup). When the nodes report 143 the script runs `scontrol requeue
 # $SLURM_JOB_ID` and exits 0 (the attempt ended as planned; Slurm ends the job and queues it again); the requeued
 # job runs this script with the same arguments and the trainer resumes from <trainer.dir>/checkpoints/latest by
-# itself. Without a requeue (REQUEUE=0, or scontrol refused) it exits 143: submit the same command again to resume.
+# itself (Slurm itself then logs "*** JOB N ... CANCELLED AT ... DUE TO JOB REQUEUE ***": that is the requeue, not a
+# failure). Without a requeue (REQUEUE=0, or scontrol refused) it exits 143: submit the same command again to resume.
 # A run that ends exits 0; any other status is the trainers' (3 bad steps, 2 bad input) or the launch's failure,
-# and is not requeued. `scancel JOB` (no signal) cancels: Slurm sends SIGTERM, the trainers checkpoint if they can
-# within the cluster's KillWait, and are killed otherwise; `latest` only ever names a complete checkpoint.
+# and is not requeued. `scancel JOB` (no signal) cancels: Slurm sends SIGTERM and, KillWait later, SIGKILL. Under
+# proctrack/cgroup the trainers checkpoint if that time allows; under linuxproc/pgid srun gets the SIGTERM too and
+# kills its tasks at once (srun's own rule). Either way nothing half-written is ever named by `latest`; to stop
+# with a checkpoint use `scancel --batch --signal=USR1 JOB`.
 # The lead must cover a step plus a checkpoint: `sbatch --signal=B:USR1@600 ...` for slow file systems, and then
 # export SIGNAL_LEAD=600 too (Slurm does not tell a job its --signal). A job whose --time is not longer than the
 # lead is refused at its start (it would get the signal at once and requeue itself forever, a step at a time).

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 FAKES = Path(__file__).resolve().parent / "fake_slurm"
 SCRIPTS = sorted([*ROOT.glob("launch/*.sh"), *ROOT.glob("slurm/*.sh"), *ROOT.glob("slurm/*.sbatch"),
-                  *ROOT.glob("tools/bench/*.sh"), *FAKES.iterdir()])
+                  *ROOT.glob("tools/bench/*.sh"), *ROOT.glob("tests/slurm/*.sh"), *FAKES.iterdir()])
 assert len(SCRIPTS) >= 8, SCRIPTS
 STEPS = 8
 WANDB_PROJECT = "it's, $HOME [x]"  # quotes, a comma, a dollar and brackets reach the trainer unchanged

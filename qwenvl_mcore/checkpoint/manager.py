@@ -52,10 +52,11 @@ def _barrier() -> None:
 
 
 def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtype: torch.dtype,
-                    keep: int | None = None, kind: str = "training") -> str:
+                    keep: int | None = None, kind: str = "training", info: dict | None = None) -> str:
     """Save `state`, a megatron sharded state dict holding at least the model's (model_io.model_sharded_state_dict;
     plus optimizer and other sharded state, and plain objects saved once), as `<save_root>/step_<step>`; `hf_dir`
-    gives the config and processor files the checkpoint carries. Returns the checkpoint path. The directory
+    gives the config and processor files the checkpoint carries; `kind` and `info` (extra keys) go into its
+    qwenvl_mcore.json. Returns the checkpoint path. The directory
     appears, and `latest` moves, only once everything is written; `latest` never names a missing directory.
     A failed save (a full disk: ENOSPC) removes its partial directory and raises CheckpointError on every rank."""
     from megatron.core import dist_checkpointing
@@ -79,7 +80,7 @@ def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtyp
         _barrier()  # every rank has written (or failed) before rank 0 publishes or removes the directory
         if _is_rank0() and error is None:
             try:
-                model_io.write_info(staging, kind=kind, dtype=dtype, step=step)
+                model_io.write_info(staging, kind=kind, dtype=dtype, step=step, **(info or {}))
                 model_io.copy_hf_side_files(hf_dir, os.path.join(staging, model_io.HF_SUBDIR))
                 _publish(save_root, staging, final)
                 if keep is not None:

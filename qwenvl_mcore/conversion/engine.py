@@ -36,6 +36,12 @@ def global_name(model, local_name: str) -> str:
     return f"decoder.layers.{int(m.group(1)) + offset}." + local_name[m.end():]
 
 
+def _base_parameters(model):
+    """(local name, parameter) of the model's own weights: LoRA adapters (`p.lora`, qwenvl_mcore.lora) have no HF
+    mapping rule; peft_io maps them."""
+    return [(n, p) for n, p in model.named_parameters() if not getattr(p, "lora", False)]
+
+
 def _is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
@@ -77,14 +83,14 @@ def unshard(local: torch.Tensor, name: str, param: torch.Tensor) -> torch.Tensor
 def load_hf_weights(model, get_hf: Callable[[str], torch.Tensor], ctx: Context, *, strict: bool = True) -> None:
     """Copy HF tensors (fetched by name through `get_hf`) into this rank's parameters.
 
-    Raises KeyError listing HF tensors that are missing, and ValueError listing parameters of the model that no
-    rule covers or whose shape does not match (`strict`).
+    Raises KeyError listing HF tensors that are missing, and ValueError listing parameters of the model (LoRA
+    adapters aside) that no rule covers or whose shape does not match (`strict`).
     """
     model = _unwrap(model)
     rules = {m: (rule, hf) for rule, m, hf in hf_mapping.rules_for(ctx.args)}
     uncovered, mismatched = [], []
     with torch.no_grad():
-        for local, param in model.named_parameters():
+        for local, param in _base_parameters(model):
             name = global_name(model, local)
             if name not in rules:
                 uncovered.append(name)
@@ -104,7 +110,7 @@ def load_hf_weights(model, get_hf: Callable[[str], torch.Tensor], ctx: Context, 
 def load_hf_state_dict(model, state: Mapping[str, torch.Tensor], ctx: Context) -> None:
     """load_hf_weights from an in-memory HF state dict, naming every missing tensor at once."""
     hf_of = {m: hs for _, m, hs in hf_mapping.rules_for(ctx.args)}
-    wanted = {h for local, _ in _unwrap(model).named_parameters() for h in hf_of.get(global_name(model, local), ())}
+    wanted = {h for local, _ in _base_parameters(_unwrap(model)) for h in hf_of.get(global_name(model, local), ())}
     missing = sorted(wanted - set(state))
     if missing:
         raise KeyError(f"{len(missing)} tensors missing from the checkpoint: {missing[:20]}")
@@ -113,12 +119,12 @@ def load_hf_state_dict(model, state: Mapping[str, torch.Tensor], ctx: Context) -
 
 def gather_hf_tensors(model, ctx: Context, *, source: str = "param") -> dict[str, torch.Tensor]:
     """HF-named global tensors of this pipeline stage's parameters (source='param') or gradients ('grad';
-    megatron DDP's `main_grad` when present). Collective over TP/EP/ETP: call on every rank."""
+    megatron DDP's `main_grad` when present), LoRA adapters aside. Collective over TP/EP/ETP: call on every rank."""
     model = _unwrap(model)
     rules = {m: rule for rule, m, _ in hf_mapping.rules_for(ctx.args)}
     hf_names = {m: hf for _, m, hf in hf_mapping.rules_for(ctx.args)}
     out: dict[str, torch.Tensor] = {}
-    for local, param in model.named_parameters():
+    for local, param in _base_parameters(model):
         name = global_name(model, local)
         if source == "param":
             value = param.detach()

@@ -221,11 +221,24 @@ def validate(cfg: DictConfig) -> None:
     except LoRAConfigError as e:
         raise ConfigError(str(e)) from None
     if lora.enabled:
-        # The adapters exist (qwenvl_mcore.lora) but the trainer does not apply them yet (issue 18): refusing is
-        # safer than silently training the full model.
-        raise ConfigError("peft=lora: LoRA training is not wired into the trainer yet (issue 18); use peft=none.")
+        _check_lora(cfg, lora)
     if cfg.model.freeze_vision and cfg.model.freeze_merger and cfg.model.freeze_language:
         raise ConfigError("model.freeze_vision, freeze_merger and freeze_language are all true: nothing would train.")
+
+
+def _check_lora(cfg: DictConfig, lora: LoRAConfig) -> None:
+    """peft=lora trains adapters on a frozen base (qwenvl_mcore/lora/training.py): the base must be given, and the
+    model.freeze_* switches, which choose what full training trains, have no meaning there."""
+    if not cfg.model.init_from:
+        raise ConfigError("peft=lora trains adapters on a frozen base: set model.init_from=<a converted checkpoint "
+                          "(tools/convert/hf2mcore.py) or a training checkpoint>.")
+    frozen = [k for k in ("freeze_vision", "freeze_merger", "freeze_language") if cfg.model[k]]
+    if frozen:
+        raise ConfigError(f"model.{frozen[0]}=true with peft=lora: the base is frozen whole and peft.targets choose "
+                          f"what trains (now {list(lora.targets)}); drop model.freeze_* and name the targets.")
+    if lora.dropout > 0 and cfg.parallel.tp > 1:
+        raise ConfigError(f"peft.dropout={lora.dropout} needs parallel.tp=1 for now (one dropout mask across TP ranks "
+                          "is not guaranteed); set peft.dropout=0.")
 
 
 # Numeric keys and what they must be: at least 1 (counts), at least 0 (0 meaning "off" or "none"), or, for floats,

@@ -2,6 +2,7 @@
 validate, log, checkpoint (every N steps, at the end, on SIGTERM/SIGUSR1, after too many bad steps).
 
 Every rank runs this; the data position is global (`consumed_samples`), so a run resumes at any layout.
+With `peft=lora` the base is frozen and only adapters train and are checkpointed (qwenvl_mcore/lora/training.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from qwenvl_mcore.data.build import datasets_from_config
 from qwenvl_mcore.data.collate import DataError
 from qwenvl_mcore.data.pipeline import BatchShape, RankStep, StepBatches, empty_microbatch, step_loader
 from qwenvl_mcore.data.sampler import GlobalBatchSampler
+from qwenvl_mcore.lora import training as lora_training
+from qwenvl_mcore.lora.config import LoRAConfigError
 from qwenvl_mcore.models.qwen3_vl_moe.config import (
     args_from_hf_config,
     flavor_hf_config,
@@ -82,6 +85,7 @@ class Run:
     processor: object
     pad_token_id: int
     state: TrainState
+    lora_base: dict | None = None  # peft=lora: the frozen base's reference ({path, hash}); None: full training
 
 
 # -- building ------------------------------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ def model_source(cfg: DictConfig) -> tuple[object, str | None, str | None]:
     if not cfg.model.init_from:
         return flavor_args, None, None
     ckpt = model_io.resolve_checkpoint_dir(cfg.model.init_from)
-    model_io.read_info(ckpt)
+    lora_training.refuse_as_base(model_io.read_info(ckpt))
     hf_dir = os.path.join(ckpt, model_io.HF_SUBDIR)
     args = args_from_hf_config(load_hf_config(hf_dir))
     if args != flavor_args:
@@ -165,6 +169,7 @@ class RunStart:
     locks: list
     resume_from: str | None = None
     resume_step: int | None = None
+    lora_base: dict | None = None  # peft=lora: the base's reference, checked against the resumed checkpoint's
 
     def release(self) -> None:
         for lock in self.locks:
@@ -184,7 +189,8 @@ def start_run(cfg: DictConfig) -> RunStart:
             if removed:
                 print(f"[train] removed what killed saves left in {cfg.checkpoint.dir}: {', '.join(removed)}",
                       flush=True)
-            outcome = _choose_resume(cfg)
+            resume_from, resume_step = _choose_resume(cfg)
+            outcome = (resume_from, resume_step, _check_lora(cfg, resume_from))
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
             original = e
             known = isinstance(e, (ConfigError, model_io.CheckpointError))
@@ -197,6 +203,19 @@ def start_run(cfg: DictConfig) -> RunStart:
             lock.release()
         raise original or outcome
     return RunStart(locks, *outcome)
+
+
+def _check_lora(cfg: DictConfig, resume_from: str | None) -> dict | None:
+    """peft=lora: the base's reference (model.init_from); with a checkpoint to resume, LoRA or not, that it fits
+    the run (lora/training.py: check_resume), before anything is built. ConfigError otherwise."""
+    lora = lora_training.lora_config(cfg)
+    try:
+        base = lora_training.base_reference(cfg.model.init_from) if lora.enabled else None
+        if resume_from is not None:
+            lora_training.check_resume(lora, _saved_training(resume_from), base, resume_from)
+    except LoRAConfigError as e:
+        raise ConfigError(str(e)) from None
+    return base
 
 
 def _lock_run_dirs(cfg: DictConfig) -> list:
@@ -224,15 +243,23 @@ def verify_training_checkpoint(ckpt: str) -> int:
     """The step of training checkpoint `ckpt` after checking what can be checked without loading the tensors:
     its description, its metadata and data files (complete, through the pickle allow-list) and its common state.
     CheckpointError naming the file otherwise."""
-    from megatron.core import dist_checkpointing
-
-    from qwenvl_mcore.checkpoint import dcp, safe_unpickle
+    from qwenvl_mcore.checkpoint import dcp
 
     try:
         model_io.read_info(ckpt)
     except ValueError as e:  # CheckpointError, or a damaged qwenvl_mcore.json
         raise model_io.CheckpointError(f"{os.path.join(ckpt, model_io.META_FILE)}: {e}") from None
     dcp.read_metadata(ckpt)
+    return int(_saved_training(ckpt)["trainer"]["step"])
+
+
+def _saved_training(ckpt: str) -> dict:
+    """The common "training" state of checkpoint `ckpt` (read through the pickle allow-list); CheckpointError when
+    it has none."""
+    from megatron.core import dist_checkpointing
+
+    from qwenvl_mcore.checkpoint import safe_unpickle
+
     safe_unpickle.install()
     with safe_unpickle.checkpoint_errors(ckpt):
         common = dist_checkpointing.load_common_state_dict(ckpt)
@@ -240,7 +267,7 @@ def verify_training_checkpoint(ckpt: str) -> int:
     if saved is None:
         raise model_io.CheckpointError(f"{ckpt} holds no training state (a converted checkpoint?): start from it with "
                                        "model.init_from=... instead, or point checkpoint.dir elsewhere.")
-    return int(saved["trainer"]["step"])
+    return saved
 
 
 def _choose_resume(cfg: DictConfig) -> tuple[str | None, int | None]:
@@ -290,19 +317,26 @@ def build_run(cfg: DictConfig, start: RunStart) -> Run:
     chunks = build_model_chunks(args, layout, dtype=DTYPES[cfg.model.dtype], aux_loss_coeff=cfg.model.aux_loss_coeff,
                                 **_recompute_overrides(cfg))
     resume_from = start.resume_from
-    if init_ckpt is not None and resume_from is None:
+    lora = lora_training.lora_config(cfg)
+    if init_ckpt is not None and (resume_from is None or lora.enabled):  # a LoRA checkpoint holds no base weights
         model_io.load_model(init_ckpt, chunks)
-    freeze(chunks, cfg)
-    if any(sum(p.numel() for p in c.parameters() if p.requires_grad) == 0 for c in chunks):
-        raise ConfigError("with these model.freeze_* settings a pipeline stage has no trainable parameters: "
-                          "train the LLM (model.freeze_language=false) or use parallel.pp=1.")
+    if lora.enabled:  # after the base is loaded, before DDP: only the adapters get gradient buffers and Adam state
+        try:
+            lora_training.prepare(chunks, lora)
+        except LoRAConfigError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        freeze(chunks, cfg)
+        if any(sum(p.numel() for p in c.parameters() if p.requires_grad) == 0 for c in chunks):
+            raise ConfigError("with these model.freeze_* settings a pipeline stage has no trainable parameters: "
+                              "train the LLM (model.freeze_language=false) or use parallel.pp=1.")
     settings = optim_settings_of(cfg)
     lr_overrides = [(lambda n, part=part: parameter_part(n) == part, lr)
                     for part, lr in (("vision", cfg.optim.vision_lr), ("merger", cfg.optim.merger_lr)) if lr is not None]
     chunks = wrap_ddp(chunks, distributed_optimizer=settings.distributed_optimizer)
     optimizer, scheduler = build_optimizer(chunks, settings, steps=cfg.trainer.steps, lr_overrides=lr_overrides)
     run = Run(cfg, layout, args, chunks, optimizer, scheduler, hf_dir, processor,
-              processor.tokenizer.pad_token_id, TrainState())
+              processor.tokenizer.pad_token_id, TrainState(), lora_base=start.lora_base)
     if resume_from is not None:
         load_training_checkpoint(run, resume_from)
     return run
@@ -320,6 +354,8 @@ def _rng_object(is_loading: bool = False) -> ShardedObject:
 
 def _sharded_training_state(run: Run, *, is_loading: bool, with_rng: bool) -> dict:
     state = model_io.model_sharded_state_dict([unwrap(c) for c in run.chunks])
+    if run.lora_base is not None:  # the base is never saved: a resume loads it from model.init_from
+        state = lora_training.adapter_state(state)
     state["optimizer"] = run.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     if with_rng:
         state["rng_state"] = _rng_object(is_loading)
@@ -334,8 +370,13 @@ def save_training_checkpoint(run: Run) -> str:
         "layout": run.layout.as_dict(), "world_size": dist.get_world_size(),
         "config": OmegaConf.to_container(run.cfg, resolve=True),
     }
+    kind, info = "training", {}
+    if run.lora_base is not None:
+        state["training"]["lora"] = lora_training.checkpoint_record(lora_training.lora_config(run.cfg), run.lora_base)
+        kind, info = lora_training.KIND, {"base": run.lora_base}
     path = manager.save_checkpoint(run.cfg.checkpoint.dir, run.state.step, state, hf_dir=run.hf_dir,
-                                   dtype=DTYPES[run.cfg.model.dtype], keep=run.cfg.checkpoint.keep)
+                                   dtype=DTYPES[run.cfg.model.dtype], keep=run.cfg.checkpoint.keep, kind=kind,
+                                   info=info)
     if dist.get_rank() == 0:
         with open(os.path.join(path, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(run.cfg, resolve=True))

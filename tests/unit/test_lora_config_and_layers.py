@@ -51,14 +51,20 @@ def test_settings_checked():
     LoRAConfig(method="none", targets=[]).validate()  # off: the targets are not looked at
 
 
-def test_config_group_off_by_default_and_lora_refused_until_wired():
+def test_config_group_off_by_default_and_lora_needs_a_base():
     from qwenvl_mcore.training.config import ConfigError, compose
 
     assert compose([]).peft.method == "none"
-    with pytest.raises(ConfigError, match="not wired into the trainer yet"):
+    with pytest.raises(ConfigError, match=r"peft=lora trains adapters on a frozen base: set model.init_from="):
         compose(["peft=lora"])
+    base = "model.init_from=/some/base"
+    assert compose(["peft=lora", base]).peft.method == "lora"
     with pytest.raises(ConfigError, match=r"unknown name\(s\) \['up'\]"):
-        compose(["peft=lora", "peft.targets=[q,up]"])
+        compose(["peft=lora", base, "peft.targets=[q,up]"])
+    with pytest.raises(ConfigError, match=r"model.freeze_vision=true with peft=lora: .*peft.targets choose"):
+        compose(["peft=lora", base, "model.freeze_vision=true"])
+    with pytest.raises(ConfigError, match=r"peft.dropout=0.1 needs parallel.tp=1"):
+        compose(["peft=lora", base, "peft.dropout=0.1", "peft.targets=[attention]", "parallel.tp=2"])
 
 
 # -- experts -----------------------------------------------------------------------------------------------------

@@ -261,6 +261,25 @@ def test_local_stops_on_sigusr1_after_a_periodic_checkpoint(tmp_path):
     assert "BrokenPipeError" not in out and "Traceback" not in out, out[-4000:]
 
 
+def test_a_time_limit_within_the_signal_lead_is_refused(tmp_path):
+    """--time=5 with the script's 300 s lead would get the stop signal at once and requeue forever, a step at a
+    time: refused before srun, naming both and the fix. A longer limit, or a lead lowered to match, starts."""
+    env = slurm_env(tmp_path, 4321, uuid.uuid4().hex)
+    script = str(ROOT / "launch" / "sft_moe.sh")
+    proc = subprocess.run([script, "trainer.steps=1"], cwd=tmp_path, env=env | {"FAKE_TIME_LIMIT": "5:00"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "job 4321 has --time of 300s, not longer than the 300s lead of its stop signal" in proc.stderr
+    assert "sbatch --signal=B:USR1@N with SIGNAL_LEAD=N exported" in proc.stderr
+    assert not (tmp_path / "slurm.log").exists()  # srun never ran
+    bad = subprocess.run([script], cwd=tmp_path, env=env | {"SIGNAL_LEAD": "5m"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "SIGNAL_LEAD=5m: give the --signal lead in seconds" in bad.stderr
+    for ok in ({"FAKE_TIME_LIMIT": "5:01"}, {"FAKE_TIME_LIMIT": "2:00", "SIGNAL_LEAD": "60"}):
+        started = subprocess.run([script, "--print-config"], cwd=tmp_path, env=env | ok | {"SLURM_JOB_NUM_NODES": "1"},
+                                 capture_output=True, text=True, timeout=300)
+        assert "not longer than" not in started.stderr and "srun --nodes=1" in (tmp_path / "slurm.log").read_text()
+
+
 def test_convert_passes_arguments_through_srun(tmp_path):
     env = slurm_env(tmp_path, 1234, uuid.uuid4().hex) | {"SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1"}
     proc = subprocess.run([str(ROOT / "launch" / "convert.sh"), "hf2mcore", "--help"], cwd=tmp_path, env=env,

@@ -110,6 +110,25 @@ def compare_forward(chunks, hf_model, batch) -> dict[str, float] | None:
     return report
 
 
+def reduce_grads_of_identical_batches(chunks) -> None:
+    """In place, what megatron's gradient finalization does when every DP rank ran the same batch: sum the
+    `sequence_parallel` tensors over TP; dense grads are then replicas across DP (averaged), while an expert on one
+    EP rank received the tokens of every DP rank (sum over expert-DP, / DP)."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group()
+    edp_group = parallel_state.get_expert_data_parallel_group()
+    dp = dist.get_world_size(dp_group)
+    for model in chunks:
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            if getattr(p, "sequence_parallel", False) and dist.get_world_size(tp_group) > 1:
+                dist.all_reduce(p.grad, group=tp_group)
+            if dp > 1:
+                dist.all_reduce(p.grad, group=edp_group if ".mlp.experts." in name else dp_group)
+                p.grad /= dp
+
+
 def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float = 0.0) -> dict[str, Any]:
     """One backward of (LM loss + aux_coef * aux loss) in both models; the worst relative gradient difference.
 
@@ -132,22 +151,9 @@ def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float 
     ref.loss.backward()
     # copies of one batch: each micro-batch's mean loss is divided by their number, so gradients are unchanged
     run_microbatches(chunks, copies, forward_only=False, loss_for=loss_for_per_token)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    dp_group = parallel_state.get_data_parallel_group()
-    edp_group = parallel_state.get_expert_data_parallel_group()
-    dp = dist.get_world_size(dp_group)
+    reduce_grads_of_identical_batches(chunks)
     ours: dict[str, torch.Tensor] = {}
     for model in chunks:
-        for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
-            if getattr(p, "sequence_parallel", False) and dist.get_world_size(tp_group) > 1:
-                dist.all_reduce(p.grad, group=tp_group)
-            # Every DP rank ran the same batch here, so dense grads are replicas, while an expert on one EP rank
-            # received the tokens of every DP rank (sum over expert-DP, / DP).
-            if dp > 1:
-                dist.all_reduce(p.grad, group=edp_group if ".mlp.experts." in name else dp_group)
-                p.grad /= dp
         # transformers keeps experts in its own (transposed) layout in memory: compare in that layout.
         ours.update(engine.gather_hf_tensors(model, Context(ctx.args, expert_layout=TRANSFORMERS5), source="grad"))
     hf_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in hf_model.named_parameters()}

@@ -53,24 +53,6 @@ def _reference(hf_config, adapter_dir: str):
     return PeftModel.from_pretrained(hf, adapter_dir, is_trainable=True)
 
 
-def _sum_partial_grads(chunks) -> None:
-    """What megatron's finalize_model_grads does for `sequence_parallel` tensors (sum over TP), and DP averaging
-    of identical batches as parity.compare_gradients does."""
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    dp_group = parallel_state.get_data_parallel_group()
-    edp_group = parallel_state.get_expert_data_parallel_group()
-    dp = dist.get_world_size(dp_group)
-    for c in chunks:
-        for name, p in c.named_parameters():
-            if p.grad is None:
-                continue
-            if getattr(p, "sequence_parallel", False) and dist.get_world_size(tp_group) > 1:
-                dist.all_reduce(p.grad, group=tp_group)
-            if dp > 1:
-                dist.all_reduce(p.grad, group=edp_group if ".mlp.experts." in name else dp_group)
-                p.grad /= dp
-
-
 def sharded_mismatch(chunks) -> list[str]:
     """Adapters whose ShardedTensor in the model's sharded_state_dict (what a distributed checkpoint stores) is
     missing or does not have the global shape that the parity-checked gather (peft_io) gives."""
@@ -158,7 +140,7 @@ def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bo
         c.aux_loss_coeff = 0.0
     parity.hf_forward(base, batch).loss.backward()
     run_microbatches(chunks, [parity.to_inputs(batch)], forward_only=False, loss_for=loss_for_per_token)
-    _sum_partial_grads(chunks)
+    parity.reduce_grads_of_identical_batches(chunks)
     ours = gather_peft_tensors(chunks, args, source="grad", targets=cfg.target_set())
     theirs = {PEFT_PREFIX + strip_adapter_name(n): p.grad for n, p in base.named_parameters() if ".lora_" in n}
     out["n_peft_params"] = len(theirs)

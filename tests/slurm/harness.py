@@ -47,6 +47,42 @@ def start_cluster(proctrack: str, root: Path):
         print(f"\n[{proctrack} cluster stopped{'; killed: ' + '; '.join(strays) if strays else ''}]")
 
 
+class StepClock:
+    """When each line of a growing metrics.jsonl first appeared: polled every 0.1 s by a thread while alive()
+    and until stop()."""
+
+    def __init__(self, metrics: Path, alive=lambda: True):
+        self.metrics, self.alive, self.times = metrics, alive, []
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while self.alive() and not self._stopped.is_set():
+            try:
+                lines = self.metrics.read_bytes().count(b"\n")
+            except OSError:
+                lines = 0
+            now = time.time()
+            self.times.extend([now] * (lines - len(self.times)))
+            time.sleep(0.1)
+
+
+def pace_of(times: list[float], started: float, window: int = 6) -> tuple[float, float] | None:
+    """(start-up s, s per step) of a run started at `started` whose steps ended at `times`, None with under 3.
+    Seconds per step are the fastest mean over `window` consecutive steps (periodic checkpoints included): what
+    the run did while it had the machine to itself. Start-up is taken as it was (a run that competed with
+    another while starting errs late, which the scenario's margin for a late stop absorbs)."""
+    if len(times) < 3:
+        return None
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    window = min(window, len(gaps))
+    per_step = min(sum(gaps[i:i + window]) / window for i in range(len(gaps) - window + 1))
+    return times[0] - started, per_step
+
+
 class ReferenceRun:
     """`launch/local.sh --nproc 4` with the given overrides, started at once in the background; `losses()` waits
     for it and returns {step: loss}; `pace()` says how fast it went (start-up, seconds per step with its periodic
@@ -59,7 +95,7 @@ class ReferenceRun:
         if reuse is not None:  # a finished run: nothing to start
             self.run_dir, self.log, self.started, self._losses = reuse, reuse / "reference.log", time.time(), None
             self.marker = uuid.uuid4().hex
-            self.proc = subprocess.Popen(["true"])
+            self.proc, self.clock = subprocess.Popen(["true"]), None
             return
         self.run_dir = run_dir
         self.log = run_dir.parent / "reference.log"
@@ -72,27 +108,12 @@ class ReferenceRun:
                                           f"trainer.dir={run_dir}"], cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         self._losses = None
-        self.step_times: list[float] = []  # when each metrics.jsonl line was first seen
-        threading.Thread(target=self._watch, daemon=True).start()
-
-    def _watch(self) -> None:
-        metrics = self.run_dir / "logs" / "metrics.jsonl"
-        while self.proc.poll() is None:
-            try:
-                lines = metrics.read_bytes().count(b"\n")
-            except OSError:
-                lines = 0
-            now = time.time()
-            self.step_times.extend([now] * (lines - len(self.step_times)))
-            time.sleep(0.1)
+        self.clock = StepClock(run_dir / "logs" / "metrics.jsonl", lambda: self.proc.poll() is None)
 
     def pace(self) -> tuple[float, float]:
-        """(seconds from the start to the first step, seconds per step after it) of the finished run."""
+        """(seconds from the start to the first step, seconds per step) of the finished run: see `pace_of`."""
         self.losses()
-        t = self.step_times
-        if len(t) < 3:
-            return self.DEFAULT_PACE
-        return t[0] - self.started, (t[-1] - t[0]) / (len(t) - 1)
+        return (self.clock and pace_of(self.clock.times, self.started)) or self.DEFAULT_PACE
 
     def losses(self, timeout: float = 600) -> dict[int, float]:
         if self._losses is None:

@@ -14,8 +14,11 @@ wrong in `error`, then cancels what is left and kills any process of the job.
 Timing: slurmctld tests time limits every 30 s and sends --signal at the first test that finds the job within
 lead + 30 s of its end: with --time=2, 90 - LEAD to 120 - LEAD s after the start. The job is submitted so that a
 test falls SIGNAL_AT = 96 - LEAD s after its start (the tests' times are in slurmctld's debug2 log), with SIGNAL_AT
-chosen from the reference run's pace so that attempt 1 stops near step STOP_AIM: after a periodic checkpoint, and
-early enough that attempts 2 and 3, each stopped at its first periodic checkpoint, leave steps for attempt 4.
+chosen from a pace (start-up, seconds per step) so that attempt 1 stops near step STOP_AIM: after a periodic
+checkpoint, and early enough (by LATEST_STOP) that attempts 2 and 3, each stopped at its first periodic checkpoint,
+leave steps for attempt 4. The first scenario takes the reference run's pace, which errs slow (it starts while the
+conversion tests run); the next takes the pace its predecessor's attempt 1 was seen to keep (`Record.pace_seen`).
+The aim sits low in the window [EVERY + 1, LATEST_STOP] because a wrong pace errs towards a late stop.
 Once attempt 1 is requeued its time limit is raised to 10 minutes (`scontrol update`, as an administrator would):
 the later attempts would otherwise each meet the 2-minute limit too, correct but a start-up more each time.
 """
@@ -30,11 +33,13 @@ from datetime import datetime
 from pathlib import Path
 
 from cluster import Cluster
+from harness import StepClock, pace_of
 from jobs import CPU_NODE, FINISHED, job_info, job_time, leftover_processes, run, sbatch, time_limit_checks, wait_for
 
-STEPS = 36
+STEPS = 42
 EVERY = 3
-STOP_AIM = 18  # the step attempt 1 should stop at; attempts 2 and 3 take at most EVERY + 2 steps each
+STOP_AIM = 12  # the step attempt 1 should stop at
+LATEST_STOP = STEPS - 2 * (EVERY + 2) - 1  # ... at the latest: attempts 2 and 3 take at most EVERY + 2 steps each
 TIME_LIMIT = 2  # minutes, for attempt 1
 LATER_TIME_LIMIT = 10  # minutes, from attempt 2 on
 OVERRIDES = ["experiment=debug_cpu_tp2_ep2", f"trainer.steps={STEPS}", "trainer.eval_every=0",
@@ -85,6 +90,8 @@ class Record:
     final_leftovers: list[str] = field(default_factory=list)
     ctld_log: str = field(default="", repr=False)
     seconds: float = 0.0
+    pace: tuple[float, float] = (0.0, 0.0)  # the (start-up s, s per step) attempt 1 was aimed with
+    pace_seen: tuple[float, float] | None = None  # ... and the one it kept (from its metrics.jsonl lines)
 
     def attempt(self, n: int) -> Attempt | None:
         return self.attempts[n - 1] if len(self.attempts) >= n else None
@@ -97,16 +104,19 @@ class Record:
 
 def run_scenario(cluster: Cluster, work: Path, pace: tuple[float, float]) -> Record:
     """`pace`: (start-up s, s per step) of the reference run."""
-    rec = Record(cluster.proctrack, work / "run", work / "job.out")
+    rec = Record(cluster.proctrack, work / "run", work / "job.out", pace=pace)
     startup, per_step = pace
-    rec.signal_at = int(min(max(startup + per_step * STOP_AIM, 40), 85))
+    # not before the first periodic checkpoint is surely written, nor later than the lead allows (lead >= 11)
+    rec.signal_at = int(min(max(startup + per_step * STOP_AIM, startup + per_step * (EVERY + 1.5), 15), 85))
     rec.lead = 60 * TIME_LIMIT - 24 - rec.signal_at  # the earliest test that may send it: 6 s before signal_at
     t0 = time.time()
+    clock = StepClock(rec.run_dir / "logs" / "metrics.jsonl")
     try:
-        _drive(cluster, rec)
+        _drive(cluster, rec, clock)
     except Exception as e:  # recorded for the tests, which fail on it with the job's output
         rec.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-2)}"
     finally:
+        clock.stop()
         if rec.job_id:
             info = job_info(cluster, rec.job_id)
             if info and info.get("JobState") not in FINISHED:
@@ -184,7 +194,7 @@ def _record_attempt(cluster: Cluster, rec: Record, attempt: Attempt, info: dict)
     attempt.leftovers = leftover_processes(cluster, rec.job_id, restarts=attempt.number - 1)
 
 
-def _drive(cluster: Cluster, rec: Record) -> None:
+def _drive(cluster: Cluster, rec: Record, clock: StepClock) -> None:
     args = [*CPU_NODE, f"--export=ALL,GPUS_PER_NODE=4,SIGNAL_LEAD={rec.lead}", f"--time={TIME_LIMIT}",
             f"--signal=B:USR1@{rec.lead}",
             f"--output={rec.output}", "launch/sft_moe.sh", *OVERRIDES, f"trainer.dir={rec.run_dir}"]
@@ -197,6 +207,11 @@ def _drive(cluster: Cluster, rec: Record) -> None:
     info = _wait_state(cluster, rec, "attempt 1 to start", 60, lambda i: i.get("JobState") == "RUNNING")
     rec.start = job_time(info["StartTime"])
     _end_attempt(cluster, rec, a1, 1, 60 * TIME_LIMIT + 90)
+    rec.pace_seen = pace_of(list(clock.times), rec.start)
+    if (a1.stop_step or 0) > LATEST_STOP:
+        raise AssertionError(f"attempt 1 stopped at step {a1.stop_step}, after step {LATEST_STOP}: too late to leave "
+                             f"steps for attempts 2 to 4. Its signal was aimed {rec.signal_at} s after the start "
+                             f"from the pace (start-up s, s per step) {rec.pace}; it kept {rec.pace_seen}")
     run(cluster, "scontrol", "update", f"JobId={rec.job_id}", f"TimeLimit={LATER_TIME_LIMIT}")
 
     # 2: scancel --signal=USR1 --batch while a periodic checkpoint is being written

@@ -21,12 +21,19 @@ def cluster(request, slurm_programs, tmp_path_factory):
     yield from start_cluster(request.param, tmp_path_factory.mktemp(f"slurm_{request.param}"))
 
 
+_PACES_SEEN: list[tuple[float, float]] = []  # what each finished scenario's attempt 1 kept, for the next
+
+
 @pytest.fixture(scope="module")
 def record(cluster, reference, tmp_path_factory):
     reference.losses()  # trained to the end first: the job's timing must not compete with it for the 2 cores
-    rec = run_scenario(cluster, tmp_path_factory.mktemp(f"job_{cluster.proctrack}"), reference.pace())
-    print(f"\n[{rec.proctrack}: job {rec.job_id}, --signal=B:USR1@{rec.lead} aimed {rec.signal_at}s after the start, "
-          f"stops at steps {[a.stop_step for a in rec.attempts]}, {len(rec.attempts)} attempts in {rec.seconds:.0f}s"
+    pace = _PACES_SEEN[-1] if _PACES_SEEN else reference.pace()
+    rec = run_scenario(cluster, tmp_path_factory.mktemp(f"job_{cluster.proctrack}"), pace)
+    if rec.pace_seen:
+        _PACES_SEEN.append(rec.pace_seen)
+    print(f"\n[{rec.proctrack}: job {rec.job_id}, --signal=B:USR1@{rec.lead} aimed {rec.signal_at}s after the start "
+          f"from the pace {tuple(round(x, 2) for x in pace)} (start-up s, s per step), stops at steps "
+          f"{[a.stop_step for a in rec.attempts]}, {len(rec.attempts)} attempts in {rec.seconds:.0f}s"
           f"{'; ' + rec.error if rec.error else ''}]")
     return rec
 

@@ -31,6 +31,10 @@ What is counted, and why (the code it follows):
 - optimizer_step_temp: torch's foreach Adam allocates one fp32 temporary as large as the biggest parameter group
   it updates (sqrt(exp_avg_sq)); Apex/Transformer-Engine's fused Adam does not. Counted only with adam="torch";
   it is alive at the optimizer step, when activations are gone, so the peak is static + max(activations, step temp).
+- LoRA (`peft=lora`, qwenvl_mcore/lora): the whole base is frozen (its stored dtype, unpadded, no gradient, no
+  optimizer state); the adapters (`lora_sites`: rank r on every targeted linear, sharded like its base) are the
+  trainable parameters above, dense ones over DP, expert ones over EDP. Activations are full training's plus each
+  adapter's low-rank z (tokens x r per target, `adapter_activation_bytes`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
+
+from qwenvl_mcore.training import lora_sites
 
 GIB = 2**30
 ADAM_KINDS = ("fused", "torch")
@@ -59,12 +65,26 @@ class ParamTensor:
     numel: int
     expert: bool = False
     part: str = "language"
+    adapter: bool = False  # a LoRA adapter tensor (lora_A / lora_B): the only trainable tensors of a LoRA run
 
 
-def language_layer_params(args, layout) -> list[ParamTensor]:
+def adapter_params(sites, lora, layout, args, prefix: str = "") -> list[ParamTensor]:
+    """The LoRA tensors (A and B) of these adapter sites on one rank, shaped as `lora_sites.AdapterSite.shapes`
+    says (qwenvl_mcore/lora/layers.py builds them so)."""
+    out = []
+    for site in sites:
+        for ab, shape in zip("AB", site.shapes(lora.rank, tp=layout.tp, ep=layout.ep, etp=layout.etp,
+                                               num_experts=args.text.num_experts)):
+            out.append(ParamTensor(f"{prefix}lora_{ab}.{site.kind}", math.prod(shape), expert=site.expert,
+                                   part=site.part, adapter=True))
+    return out
+
+
+def language_layer_params(args, layout, lora=None) -> list[ParamTensor]:
     """One MoE decoder layer on one rank:
     norms h + h, q/k norms d + d (replicated), qkv (q + 2g)/tp * h, output projection h * q/tp, router E * h
-    (replicated), experts (E/ep) * h * 2 * (F/etp) and (E/ep) * (F/etp) * h."""
+    (replicated), experts (E/ep) * h * 2 * (F/etp) and (E/ep) * (F/etp) * h; with `lora` (a
+    lora_sites.LoRAShape) the adapters of the targeted linears (`adapter_params`)."""
     t, tp = args.text, layout.tp
     h, d = t.hidden_size, t.head_dim
     q, g = t.num_attention_heads * d, t.num_key_value_heads * d
@@ -79,14 +99,14 @@ def language_layer_params(args, layout) -> list[ParamTensor]:
         ParamTensor("router", t.num_experts * h),
         ParamTensor("experts.weight1", e_local * h * 2 * f_local, expert=True),
         ParamTensor("experts.weight2", e_local * f_local * h, expert=True),
-    ]
+    ] + ([] if lora is None else adapter_params(lora_sites.language_layer_sites(args, lora.kinds), lora, layout, args))
 
 
-def vision_params(args, layout) -> list[ParamTensor]:
+def vision_params(args, layout, lora=None) -> list[ParamTensor]:
     """The ViT on one rank (first pipeline stage): patch embedding C*T*P*P*hv + hv and position table npos*hv
     (replicated); per block LayerNorms 2*(hv + hv), qkv 3hv/tp*hv + 3hv/tp, proj hv*hv/tp + hv, fc1 I/tp*hv + I/tp,
     fc2 hv*I/tp + hv; the merger (norm over hv) and each DeepStack merger (norm over m = 4hv):
-    fc1 m*m/tp + m/tp, fc2 out*m/tp + out."""
+    fc1 m*m/tp + m/tp, fc2 out*m/tp + out. With `lora`, the adapters of the targeted block and merger linears."""
     v, tp = args.vision, layout.tp
     hv, inter = v.hidden_size, v.intermediate_size
     m, out = v.merged_hidden_size, v.out_hidden_size
@@ -101,23 +121,28 @@ def vision_params(args, layout) -> list[ParamTensor]:
             ("proj.weight", hv * (hv // tp)), ("proj.bias", hv), ("ln2.weight", hv), ("ln2.bias", hv),
             ("fc1.weight", inter // tp * hv), ("fc1.bias", inter // tp), ("fc2.weight", hv * (inter // tp)),
             ("fc2.bias", hv))]
+        if lora is not None:
+            params += adapter_params(lora_sites.vision_block_sites(args, lora.kinds), lora, layout, args,
+                                     f"blocks.{i}.")
     for j, norm_width in enumerate([hv] + [m] * len(v.deepstack_visual_indexes)):
         params += [ParamTensor(f"merger{j}.{name}", n, part="merger") for name, n in (
             ("norm.weight", norm_width), ("norm.bias", norm_width), ("fc1.weight", m // tp * m),
             ("fc1.bias", m // tp), ("fc2.weight", out * (m // tp)), ("fc2.bias", out))]
+        if lora is not None:
+            params += adapter_params(lora_sites.merger_sites(args, lora.kinds), lora, layout, args, f"merger{j}.")
     return params
 
 
-def chunk_params(args, layout, *, first: bool, last: bool, layers: int) -> list[ParamTensor]:
+def chunk_params(args, layout, *, first: bool, last: bool, layers: int, lora=None) -> list[ParamTensor]:
     """One model chunk (`Qwen3VLMoeModel`): on the first stage the embedding V/tp*h and the ViT, then `layers`
     decoder layers, on the last stage the final norm h and the LM head V/tp*h (none when tied on a single stage)."""
     t = args.text
     params: list[ParamTensor] = []
     if first:
         params.append(ParamTensor("embedding", t.vocab_size // layout.tp * t.hidden_size))
-        params += vision_params(args, layout)
+        params += vision_params(args, layout, lora)
     for _ in range(layers):
-        params += language_layer_params(args, layout)
+        params += language_layer_params(args, layout, lora)
     if last:
         params.append(ParamTensor("final_layernorm", t.hidden_size))
         if not (args.tie_word_embeddings and first):
@@ -125,7 +150,7 @@ def chunk_params(args, layout, *, first: bool, last: bool, layers: int) -> list[
     return params
 
 
-def stage_chunks(args, layout, pp_rank: int) -> list[list[ParamTensor]]:
+def stage_chunks(args, layout, pp_rank: int, lora=None) -> list[list[ParamTensor]]:
     """The model chunks of pipeline rank `pp_rank`: vpp chunks (one without interleaving); chunk c is virtual
     stage c*pp + pp_rank and holds L / (pp*vpp) layers; virtual stage 0 is first, pp*vpp - 1 last."""
     vpp = layout.vpp or 1
@@ -134,7 +159,8 @@ def stage_chunks(args, layout, pp_rank: int) -> list[list[ParamTensor]]:
     chunks = []
     for c in range(vpp):
         virtual = c * layout.pp + pp_rank
-        chunks.append(chunk_params(args, layout, first=virtual == 0, last=virtual == stages - 1, layers=layers))
+        chunks.append(chunk_params(args, layout, first=virtual == 0, last=virtual == stages - 1, layers=layers,
+                                   lora=lora))
     return chunks
 
 
@@ -150,8 +176,12 @@ def padded_numel(numels: Iterable[int], group_size: int) -> int:
 
 
 def model_state_bytes(chunks: Sequence[Sequence[ParamTensor]], *, param_bytes: int, frozen: Iterable[str] = (),
-                      dp: int, edp: int, distributed_optimizer: bool = True) -> dict[str, int]:
+                      dp: int, edp: int, distributed_optimizer: bool = True, lora: bool = False) -> dict[str, int]:
     """weights, gradients, optimizer and optimizer_step_temp (torch foreach Adam) bytes of one rank.
+
+    Trainable: the parameters outside the `frozen` parts; with `lora` the adapters only (the base is frozen whole
+    and stays in its dtype, outside DDP's buffers, with no gradient and no optimizer state; the adapters have the
+    base's dtype, fp32 gradients, and fp32 masters and Adam moments when that dtype is bf16).
 
     Per chunk, trainable parameters go to DDP buffers per kind (dense over DP, expert over EDP):
       weights    = padded(trainable) * param_bytes + frozen * param_bytes   (padded only with the distributed optimizer)
@@ -169,8 +199,10 @@ def model_state_bytes(chunks: Sequence[Sequence[ParamTensor]], *, param_bytes: i
     for chunk in chunks:
         for expert, group in ((False, dp), (True, edp)):
             shard = group if distributed_optimizer else 1
-            trainable = [p for p in chunk if p.expert == expert and p.part not in frozen]
-            frozen_n = sum(p.numel for p in chunk if p.expert == expert and p.part in frozen)
+            kind = [p for p in chunk if p.expert == expert]
+            trains = [p.adapter if lora else p.part not in frozen for p in kind]
+            trainable = [p for p, t in zip(kind, trains) if t]
+            frozen_n = sum(p.numel for p, t in zip(kind, trains) if not t)
             numels = [p.numel for p in trainable]
             buffer = padded_numel(numels, group) if distributed_optimizer else sum(numels)
             out["weights"] += buffer * param_bytes + frozen_n * param_bytes
@@ -196,7 +228,8 @@ def norm_bytes(act_bytes: int) -> int:
 
 
 def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute: str = "none",
-                           moe_imbalance: float = 1.0, sequences: int = 1, dense_mask: bool = False) -> dict[str, int]:
+                           moe_imbalance: float = 1.0, sequences: int = 1, dense_mask: bool = False,
+                           lora=None) -> dict[str, int]:
     """Saved tensors of one MoE decoder layer for one micro-batch of `tokens` tokens (Korthikanti et al. 2022,
     "Reducing Activation Recomputation in Large Transformer Models", per-layer accounting, adapted: GQA, RMSNorm
     with an fp32 upcast, per-head q/k norms, flash-style attention that keeps no s^2 probabilities, no dropout,
@@ -216,6 +249,9 @@ def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompu
     selective recompute (core attention, with the rotation: SDPAttention checkpoints both) drops the rotated q, k,
     the attention output, the log-sum-exp and the mask bias;
     full recompute keeps only the layer input, B*h per token (see `llm_activation_bytes`).
+    With `lora` (a lora_sites.LoRAShape) the base's tensors are the same (its input gradients need them, and each
+    adapter's A keeps the input its base linear keeps) plus "adapters", `adapter_activation_bytes`; full recompute
+    recomputes them too.
     """
     t, tp = args.text, layout.tp
     h, d = t.hidden_size, t.head_dim
@@ -228,12 +264,40 @@ def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompu
     moe = n_ * h + b_ * h + 12 * t.num_experts + experts
     mask = b_ * tokens * tokens / sequences if dense_mask else 0
     out = {"attention": int(s_t * attention), "moe": int(s_t * moe), "mask_bias": int(mask)}
+    if lora is not None:
+        out["adapters"] = adapter_activation_bytes(lora_sites.language_layer_sites(args, lora.kinds), lora.rank,
+                                                   layout, tokens, act_bytes, sequence_parallel=True,
+                                                   routed_rows=s_t * t.num_experts_per_tok * layout.etp * moe_imbalance)
     if recompute == "selective":
         out["attention"] -= int(s_t * core)
         out["mask_bias"] = 0
     elif recompute == "full":
         out = {"layer_input": int(s_t * b_ * h)}
     return out
+
+
+def adapter_activation_bytes(sites, rank: int, layout, tokens: float, act_bytes: int, *, sequence_parallel: bool,
+                             routed_rows: float = 0.0) -> int:
+    """What the adapters of these sites keep for backward for `tokens` tokens (the sequence of a layer, a ViT
+    block's patches or a merger's merged tokens). Each adapter computes z = scale * (x A^T) and keeps z, the input
+    of its B GEMM (x is its base linear's input, already kept); per site:
+      column:     B*s*r   (z gathered over the sequence under sequence parallelism, or copied to every TP rank)
+      row:        B*s_t*r (z reduce-scattered over the sequence; without sequence parallelism all-reduced: B*s*r)
+      experts:    B*rows*r, rows = s_t*k*etp*imb (the routed rows this rank's experts run, as for their input)
+      replicated: 4*s_t*r (the router's adapter runs in fp32) + 4*s_t*h for its fp32 copy of a bf16 input
+    """
+    out = 0.0
+    s_t = tokens / layout.tp if sequence_parallel else tokens
+    for site in sites:
+        if site.style == "column":
+            out += act_bytes * tokens * rank
+        elif site.style == "row":
+            out += act_bytes * s_t * rank
+        elif site.expert:
+            out += act_bytes * routed_rows * rank
+        else:
+            out += 4 * s_t * rank + (4 * s_t * site.fan_in if act_bytes < 4 else 0)
+    return int(out)
 
 
 def in_flight_microbatches(pp: int, vpp: int | None, pp_rank: int, microbatches: int) -> float:
@@ -252,7 +316,7 @@ def in_flight_microbatches(pp: int, vpp: int | None, pp_rank: int, microbatches:
 
 def llm_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute: str, layers: int, first: bool,
                          last: bool, in_flight: float, moe_imbalance: float = 1.0, sequences: int = 1,
-                         dense_mask: bool = False) -> int:
+                         dense_mask: bool = False, lora=None) -> int:
     """The stage's LLM activations at its peak:
       none/selective: in_flight * layers * layer_activation_bytes
       full:           in_flight * layers * B*s_t*h (checkpointed layer inputs) + one layer's full activations
@@ -264,12 +328,12 @@ def llm_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute
     s_t = tokens / layout.tp
     per_layer = sum(layer_activation_bytes(args, layout, tokens, act_bytes, recompute=recompute,
                                            moe_imbalance=moe_imbalance, sequences=sequences,
-                                           dense_mask=dense_mask).values())
+                                           dense_mask=dense_mask, lora=lora).values())
     total = in_flight * layers * per_layer
     if recompute == "full":
         total += sum(layer_activation_bytes(args, layout, tokens, act_bytes, recompute="none",
                                             moe_imbalance=moe_imbalance, sequences=sequences,
-                                            dense_mask=dense_mask).values())
+                                            dense_mask=dense_mask, lora=lora).values())
     extra = (tokens * tokens / sequences if dense_mask else 0) + 8 * tokens * t.head_dim
     if not first:
         extra += act_bytes * s_t * t.hidden_size
@@ -279,7 +343,7 @@ def llm_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute
 
 
 def vision_activation_bytes(args, layout, patches: int, act_bytes: int, *, vision_trains: bool = True,
-                            merger_trains: bool = True) -> dict[str, int]:
+                            merger_trains: bool = True, lora=None) -> dict[str, int]:
     """The ViT and its mergers for one micro-batch of `patches` patches: {"saved": kept for backward until the
     micro-batch's backward, "working": alive only while the tower runs}. The ViT is not recomputed; its patch
     sequence is replicated on the TP ranks, heads and MLP split by tp. Saved per patch and block:
@@ -290,12 +354,20 @@ def vision_activation_bytes(args, layout, patches: int, act_bytes: int, *, visio
     (attention runs per frame on segments: no mask); once per micro-batch the rotary angles and cos/sin tables,
     (4 + 2*B)*d_v per patch; the patch embedding keeps its input, B*C*T*P*P per patch. Each of the 1 + len(deepstack) mergers keeps B*hv*(2 + 2/tp) per patch (norm input, fc1 input, GELU
     input and output). A frozen ViT keeps nothing (neither its parameters nor its input need a gradient): one
-    block's working set instead."""
+    block's working set instead. With `lora` (vision_trains / merger_trains: whether ViT / merger linears have
+    adapters) the adapters' z per block and merger too (`adapter_activation_bytes`, no sequence parallelism;
+    mergers run on patches / merge^2 tokens)."""
     v, tp = args.vision, layout.tp
     hv, b_ = v.hidden_size, act_bytes
     block = (4 * b_ * hv + 16 + b_ * 6 * hv / tp + 4 * v.num_heads / tp + 2 * b_ * v.intermediate_size / tp) * patches
     embed = (b_ * v.in_channels * v.temporal_patch_size * v.patch_size**2 + (4 + 2 * b_) * v.head_dim) * patches
     mergers = (1 + len(v.deepstack_visual_indexes)) * b_ * hv * (2 + 2 / tp) * patches
+    if lora is not None:
+        block += adapter_activation_bytes(lora_sites.vision_block_sites(args, lora.kinds), lora.rank, layout,
+                                          patches, b_, sequence_parallel=False)
+        mergers += (1 + len(v.deepstack_visual_indexes)) * adapter_activation_bytes(
+            lora_sites.merger_sites(args, lora.kinds), lora.rank, layout, patches / v.spatial_merge_size**2, b_,
+            sequence_parallel=False)
     saved = (v.depth * block + embed if vision_trains else 0) + (mergers if merger_trains else 0)
     return {"saved": int(saved), "working": 0 if vision_trains else int(block)}
 
@@ -335,6 +407,7 @@ class RunShape:
     image_share: float = 0.25  # visual tokens / tokens of a micro-batch
     moe_imbalance: float = 1.0  # tokens on the busiest EP rank / the mean
     adam: str = "fused"
+    lora: object = None  # lora_sites.LoRAShape with peft=lora (base frozen, adapters train), else None
 
     @property
     def dp(self) -> int:
@@ -378,7 +451,7 @@ def from_config(cfg, *, world_size: int | None = None, image_share: float = 0.25
         param_bytes=2 if cfg.model.dtype == "bf16" else 4, recompute=cfg.model.recompute, frozen=frozen,
         seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size, packing=cfg.data.packing,
         microbatches=microbatches, distributed_optimizer=cfg.optim.distributed_optimizer,
-        image_share=image_share, moe_imbalance=moe_imbalance, adam=adam)
+        image_share=image_share, moe_imbalance=moe_imbalance, adam=adam, lora=lora_sites.LoRAShape.of(cfg.peft))
 
 
 def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
@@ -391,9 +464,9 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
     seq = seq_length or run.seq_length
     mbs = micro_batch_size or run.micro_batch_size
     tokens = seq * mbs
-    chunks = stage_chunks(args, layout, pp_rank)
+    chunks = stage_chunks(args, layout, pp_rank, run.lora)
     state = model_state_bytes(chunks, param_bytes=run.param_bytes, frozen=run.frozen, dp=run.dp, edp=run.edp,
-                              distributed_optimizer=run.distributed_optimizer)
+                              distributed_optimizer=run.distributed_optimizer, lora=run.lora is not None)
     first = pp_rank == 0
     last = pp_rank == layout.pp - 1
     act_bytes = run.param_bytes
@@ -403,12 +476,16 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
     out["activations"] = llm_activation_bytes(args, layout, tokens, act_bytes, recompute=run.recompute,
                                               layers=layers, first=first, last=last, in_flight=flight,
                                               moe_imbalance=run.moe_imbalance, sequences=mbs,
-                                              dense_mask=not run.packing)
+                                              dense_mask=not run.packing, lora=run.lora)
     vit = 0
     if first and run.image_share > 0:
         patches = int(tokens * run.image_share) * args.vision.spatial_merge_size**2
-        one = vision_activation_bytes(args, layout, patches, act_bytes, vision_trains="vision" not in run.frozen,
-                                      merger_trains="merger" not in run.frozen)
+        if run.lora is None:
+            trains = dict(vision_trains="vision" not in run.frozen, merger_trains="merger" not in run.frozen)
+        else:  # adapters on the ViT need the mergers' input gradients too: the mergers keep their tensors
+            trains = dict(vision_trains=run.lora.vision_trains,
+                          merger_trains=run.lora.merger_trains or run.lora.vision_trains)
+        one = vision_activation_bytes(args, layout, patches, act_bytes, lora=run.lora, **trains)
         # the tower runs in every forward of virtual stage 0: its saved tensors live as long as those micro-batches
         vit = int(one["saved"] * math.ceil(flight)) + one["working"]
     out["vit"] = vit
@@ -448,6 +525,7 @@ class Plan:
     fits: bool = False
     largest: int = 0  # tokens (packing) or micro_batch_size (no packing); 0: not even one step fits
     largest_capped: bool = False
+    lora: dict | None = None  # peft=lora: {"rank", "targets"}; None: full training
 
     @property
     def worst(self) -> dict:
@@ -479,7 +557,8 @@ def plan(run: RunShape, *, gpu_gib: float = 80.0, fraction: float = 0.9, max_ste
         packing=run.packing, seq_length=run.seq_length, micro_batch_size=run.micro_batch_size,
         microbatches=run.microbatches, image_share=run.image_share, moe_imbalance=run.moe_imbalance, adam=run.adam,
         gpu_gib=gpu_gib, fraction=fraction, stages=stages, worst_stage=worst,
-        fits=stages[worst]["total"] <= budget)
+        fits=stages[worst]["total"] <= budget,
+        lora=None if run.lora is None else {"rank": run.lora.rank, "targets": run.lora.ordered_kinds})
 
     def fits(step: int) -> bool:
         kw = dict(seq_length=run.seq_length * step) if run.packing else dict(micro_batch_size=step)
@@ -509,6 +588,8 @@ def describe(p: Plan) -> str:
         f"ep{lay['ep']}", f"etp{lay['etp']}"] + (["sp"] if lay["sequence_parallel"] else [])
     batch = (f"packed {p.seq_length} tokens" if p.packing else f"micro_batch_size {p.micro_batch_size} x {p.seq_length}")
     frozen = f", frozen {'+'.join(p.frozen)}" if p.frozen else ""
+    if p.lora:
+        frozen = f", LoRA rank {p.lora['rank']} on {' '.join(p.lora['targets'])} (base frozen)"
     return (f"{p.name}: {p.world_size} GPUs, {' '.join(parts)}, DP {p.dp}, EDP {p.edp}, {p.dtype}, "
             f"recompute {p.recompute}{frozen}; {batch}, {p.microbatches} micro-batches/step, image share "
             f"{p.image_share:g}, MoE imbalance {p.moe_imbalance:g}, "
@@ -535,7 +616,24 @@ def format_plan(p: Plan) -> str:
     verdict = (f"worst stage {p.worst_stage}: {_gib(p.worst['total'])} GiB of {_gib(p.budget)} GiB "
                f"({p.fraction:.0%} of {p.gpu_gib:g} GiB): {'fits' if p.fits else 'DOES NOT FIT'}; "
                f"largest micro-batch that fits: {largest_text(p)}")
-    return "\n".join([describe(p), "", head, rule, *rows, "", verdict])
+    lines = [describe(p), "", head, rule, *rows, "", verdict]
+    hardware = hardware_text(p)
+    if hardware:
+        lines.append(hardware)
+    return "\n".join(lines)
+
+
+def hardware_text(p: Plan) -> str:
+    """For a run named for its hardware (`..._1x8xh100`) on that many GPUs: whether it fits those nodes and the
+    longest packed sequence (or micro-batch) it allows, in words; "" otherwise."""
+    m = re.search(r"(\d+)x(\d+)x([a-z0-9]+)", p.name)
+    if not m or int(m.group(1)) * int(m.group(2)) != p.world_size:
+        return ""
+    nodes, per_node, gpu = int(m.group(1)), int(m.group(2)), m.group(3).upper()
+    where = f"{'one' if nodes == 1 else nodes} node{'s' if nodes > 1 else ''} of {per_node} x {p.gpu_gib:g} GiB"
+    allows = ("the longest packed sequence it allows: " if p.packing else "the largest micro-batch it allows: ")
+    return (f"{p.name} {'fits' if p.fits else 'does NOT fit'} {where} ({gpu}, {p.fraction:.0%} usable) at "
+            f"{p.seq_length} tokens; {allows}{largest_text(p)}")
 
 
 def format_summary(plans: Sequence[Plan]) -> str:
@@ -549,7 +647,8 @@ def format_summary(plans: Sequence[Plan]) -> str:
 
 __all__ = [
     "GIB", "CATEGORIES", "ParamTensor", "language_layer_params", "vision_params", "chunk_params", "stage_chunks",
-    "padded_numel", "model_state_bytes", "norm_bytes", "layer_activation_bytes", "in_flight_microbatches",
-    "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
+    "adapter_params", "padded_numel", "model_state_bytes", "norm_bytes", "layer_activation_bytes",
+    "adapter_activation_bytes", "in_flight_microbatches", "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
     "world_size_from_name", "from_config", "stage_memory", "Plan", "plan", "format_plan", "format_summary",
+    "hardware_text",
 ]

@@ -12,18 +12,22 @@ from typing import Sequence
 import torch
 
 from qwenvl_mcore.models.qwen3_vl_moe.config import Qwen3VLMoeArgs
+from qwenvl_mcore.training.lora_sites import LoRAShape, language_layer_sites, merger_sites, vision_block_sites
 
 # Dense bf16 peak per device (TFLOP/s), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0,
                "GB200": 2450.0}
 
 
-def language_flops(args: Qwen3VLMoeArgs, sample_lengths: Sequence[int]) -> float:
+def language_flops(args: Qwen3VLMoeArgs, sample_lengths: Sequence[int], *, lora: LoRAShape | None = None) -> float:
     """Forward + backward model FLOPs of the LLM for sequences of these real (unpadded) lengths.
 
     Per layer and token 6h(q + 2gd) + 6qh (attention projections) + 6h F k 3 (routed SwiGLU experts), the LM head
     6hV per token, and causal core attention 6q L^2 per layer and sequence; no recompute counted.
+    With `lora` (peft=lora: a frozen base) see `lora_language_flops`.
     """
+    if lora is not None:
+        return lora_language_flops(args, sample_lengths, lora)
     t = args.text
     h, q, gd = t.hidden_size, t.head_dim * t.num_attention_heads, t.head_dim * t.num_key_value_heads
     per_layer = 6 * h * (q + 2 * gd) + 6 * q * h + 6 * h * t.moe_intermediate_size * t.num_experts_per_tok * 3
@@ -32,14 +36,37 @@ def language_flops(args: Qwen3VLMoeArgs, sample_lengths: Sequence[int]) -> float
     return float(tokens * (t.num_hidden_layers * per_layer + 6 * h * t.vocab_size) + attention)
 
 
+def lora_language_flops(args: Qwen3VLMoeArgs, sample_lengths: Sequence[int], lora: LoRAShape) -> float:
+    """`language_flops` of a LoRA step: the frozen base computes no weight gradients, only the input gradients
+    that carry the loss back to the adapters (every layer needs them: the visual features enter at layer 0), so
+    each base GEMM counts 2 + 2 (forward, input gradient) instead of 2 + 2 + 2 FLOPs per multiply-add:
+      per layer and token 4h(q + 2gd) + 4qh + 4h F k 3, the LM head 4hV per token,
+      causal core attention unchanged, 6q L^2 per layer and sequence (its backward has no weights),
+    plus each adapter of the layer, 6r(in + out) per token (k per token for the experts'; `lora_sites`)."""
+    t = args.text
+    h, q, gd = t.hidden_size, t.head_dim * t.num_attention_heads, t.head_dim * t.num_key_value_heads
+    base = 4 * h * (q + 2 * gd) + 4 * q * h + 4 * h * t.moe_intermediate_size * t.num_experts_per_tok * 3
+    adapters = sum(site.flops_per_token(lora.rank) for site in language_layer_sites(args, lora.kinds))
+    tokens = sum(sample_lengths)
+    attention = t.num_hidden_layers * 6 * q * sum(n * n for n in sample_lengths)
+    return float(tokens * (t.num_hidden_layers * (base + adapters) + 4 * h * t.vocab_size) + attention)
+
+
 def lm_head_flops(args: Qwen3VLMoeArgs, tokens: int) -> float:
     """The LM head's share of `language_flops`: 6 h V per token (the rest is the decoder layers)."""
     return float(tokens * 6 * args.text.hidden_size * args.text.vocab_size)
 
 
-def vision_flops(args: Qwen3VLMoeArgs, grids: torch.Tensor | None, *, vit_trains: bool, merger_trains: bool) -> float:
+def vision_flops(args: Qwen3VLMoeArgs, grids: torch.Tensor | None, *, vit_trains: bool = True,
+                 merger_trains: bool = True, lora: LoRAShape | None = None) -> float:
     """Model FLOPs of the ViT and its mergers for images/videos of these grid_thw rows ([n, 3]); frozen parts
-    run forward only (x1 instead of x3). Attention is per frame (h*w patches) as Qwen3-VL's ViT does."""
+    run forward only (x1 instead of x3). Attention is per frame (h*w patches) as Qwen3-VL's ViT does.
+
+    With `lora` (peft=lora; vit_trains and merger_trains are then ignored: the targets decide) the base runs
+    forward, plus the input gradients that reach an adapter: with ViT adapters the blocks' linears x2 and their
+    core attention x3 and both merger linears x2; with merger adapters only, the ViT x1, merger fc2 x2 (its input
+    gradient reaches fc1's adapter) and fc1 x1; without either, x1. Plus 6r(in + out) per patch (per merged token
+    for the mergers) for each adapter."""
     if grids is None or grids.numel() == 0:
         return 0.0
     v = args.vision
@@ -47,10 +74,21 @@ def vision_flops(args: Qwen3VLMoeArgs, grids: torch.Tensor | None, *, vit_trains
     patches = float(grids.prod(-1).sum())
     per_frame = (grids[:, 1] * grids[:, 2]).double()
     attention = float((grids[:, 0].double() * per_frame * per_frame).sum())
-    vit = v.depth * ((8 * hv * hv + 4 * hv * v.intermediate_size) * patches + 4 * hv * attention)
     merged = patches / v.spatial_merge_size**2
     wide = v.merged_hidden_size
-    mergers = (1 + len(v.deepstack_visual_indexes)) * 2 * merged * (wide * wide + wide * v.out_hidden_size)
+    n_mergers = 1 + len(v.deepstack_visual_indexes)
+    if lora is not None:
+        vit_linears = v.depth * (8 * hv * hv + 4 * hv * v.intermediate_size) * patches
+        vit_attention = v.depth * 4 * hv * attention
+        fc1, fc2 = n_mergers * 2 * merged * wide * wide, n_mergers * 2 * merged * wide * v.out_hidden_size
+        vt, mt = lora.vision_trains, lora.merger_trains
+        base = ((2 if vt else 1) * vit_linears + (3 if vt else 1) * vit_attention + (2 if vt else 1) * fc1
+                + (2 if vt or mt else 1) * fc2)
+        adapters = (v.depth * patches * sum(s.flops_per_token(lora.rank) for s in vision_block_sites(args, lora.kinds))
+                    + n_mergers * merged * sum(s.flops_per_token(lora.rank) for s in merger_sites(args, lora.kinds)))
+        return float(base + adapters)
+    vit = v.depth * ((8 * hv * hv + 4 * hv * v.intermediate_size) * patches + 4 * hv * attention)
+    mergers = n_mergers * 2 * merged * (wide * wide + wide * v.out_hidden_size)
     return (3 if vit_trains else 1) * vit + (3 if merger_trains else 1) * mergers
 
 

@@ -47,6 +47,7 @@ from qwenvl_mcore.training.config import (
     layout_of,
     optim_settings_of,
 )
+from qwenvl_mcore.training.lora_sites import LoRAShape
 from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
 from qwenvl_mcore.training.setup import allocate_optimizer_state, build_optimizer, load_optimizer_state, wrap_ddp
 from qwenvl_mcore.training.step import reduce_reports, train_step
@@ -475,11 +476,13 @@ def account_data(run: Run, step: RankStep, writer) -> tuple[dict, list[int]]:
 
 
 def _work_of(run: Run, step: RankStep) -> torch.Tensor:
-    """[real tokens, model FLOPs] of this rank's samples (summed over DP by the caller)."""
-    flops = metrics_lib.language_flops(run.args, step.lengths)
+    """[real tokens, model FLOPs] of this rank's samples (summed over DP by the caller); with peft=lora the FLOPs
+    of a frozen base (no weight gradients) plus the adapters'."""
+    lora = LoRAShape.of(run.cfg.peft)
+    flops = metrics_lib.language_flops(run.args, step.lengths, lora=lora)
     if step.grids is not None:
         flops += metrics_lib.vision_flops(run.args, step.grids, vit_trains=not run.cfg.model.freeze_vision,
-                                          merger_trains=not run.cfg.model.freeze_merger)
+                                          merger_trains=not run.cfg.model.freeze_merger, lora=lora)
     return torch.tensor([sum(step.lengths), flops], dtype=torch.float64)
 
 

@@ -84,12 +84,13 @@ def _rel(ours: dict, ref: dict) -> tuple[float, str | None]:
 
 def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bool = False,
                        train: bool = True, grouped_gemm: bool | None = None, lora: dict | None = None,
-                       export_dir: str | None = None) -> dict:
+                       export_dir: str | None = None, packed: bool = False) -> dict:
     """Logits (FORWARD_KINDS) and every adapter gradient (GRAD_KIND) of our model with a peft adapter loaded
     against transformers + the same adapter through peft; the round trip of the adapter tensors; with `train`, a
-    few frozen-base optimizer steps; with `subset`, subset_checks. `grouped_gemm` forces the experts' grouped GEMM
-    (True) or loop (False) path, adapters included (None: the default, the loop on the CPU). `lora`: settings
-    over LORA (rsLoRA, alpha)."""
+    few frozen-base optimizer steps; with `subset`, subset_checks; with `packed`, the parity tests' packed-row
+    checks (_parity_checks.packed_checks) with the adapters in both models. `grouped_gemm` forces the experts'
+    grouped GEMM (True) or loop (False) path, adapters included (None: the default, the loop on the CPU). `lora`:
+    settings over LORA (rsLoRA, alpha)."""
     layout = ParallelLayout(**layout_kwargs)
     parity.start(layout)
     tokenizer = tiny.build_tokenizer()
@@ -131,6 +132,10 @@ def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bo
                       for kind in FORWARD_KINDS}
     # the adapters change the model (B non-zero): our logits without them differ
     out["adapter_effect"] = _adapter_effect(chunks, tiny.sample_inputs(processor, "image"))
+    if packed:
+        from _parity_checks import packed_checks
+
+        out["packed"] = packed_checks(chunks, base, processor)
 
     batch = tiny.sample_inputs(processor, GRAD_KIND)
     for m in (*chunks, base):

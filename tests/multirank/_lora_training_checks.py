@@ -16,6 +16,8 @@ from qwenvl_mcore.training import config, trainer
 from qwenvl_mcore.training.schedule import unwrap
 
 STEPS, RESUME_AT = 20, 12
+INVARIANCE_STEPS = 10  # steps from the start compared with one rank
+BF16_STEPS = 6
 COMMON = [
     "peft=lora", "peft.rank=4", "peft.alpha=8.0",
     "data.packing=false", "data.num_workers=0", "data.num_samples=16", "data.valid_samples=0",
@@ -28,6 +30,7 @@ COMMON = [
 
 TP2_EP2 = ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]
 DP4 = ["parallel.tp=1", "parallel.ep=1", "parallel.sequence_parallel=false"]
+PP2 = [*DP4, "parallel.pp=2"]  # x DP2
 
 
 def compose(run_dir: str, base: str, steps: int = STEPS, extra=(), layout=TP2_EP2):
@@ -138,4 +141,34 @@ def lora_training_checks(rank: int, world: int, work: str, base: str, other_base
             cfg.peft.method = "none"
         out[f"{name}_error"] = _error(lambda: trainer.train(cfg))
         out[f"{name}_steps"] = len(records(run_dir))
+
+    # layout invariance from the start: PP2 (x DP2), compared with one rank (single_rank_run) by the tests
+    pp2 = os.path.join(work, "pp2")
+    out["pp2_status"] = trainer.train(compose(pp2, base, steps=INVARIANCE_STEPS, layout=PP2))
+    out["pp2"] = records(pp2)
+    return out
+
+
+def _masters(optimizer) -> tuple[list[str], int]:
+    """dtypes and element count of the tensors the optimizer steps (megatron's fp32 master shards)."""
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    params = [p for o in opts for g in o.optimizer.param_groups for p in g["params"]]
+    return sorted({str(p.dtype) for p in params}), sum(p.numel() for p in params)
+
+
+def single_rank_run(rank: int, world: int, work: str, base: str) -> dict:
+    """INVARIANCE_STEPS LoRA steps on one rank (the global batch as micro-batches): the invariance reference.
+    Then BF16_STEPS steps with model.dtype=bf16: the frozen base in bf16, the optimizer's masters (fp32) and what
+    they cover."""
+    run_dir = os.path.join(work, "single")
+    status = trainer.train(compose(run_dir, base, steps=INVARIANCE_STEPS, layout=DP4))
+    out = {"status": status, "records": records(run_dir)}
+    bf16_dir = os.path.join(work, "bf16")
+    status, run = _train_keeping_run(compose(bf16_dir, base, steps=BF16_STEPS, layout=DP4,
+                                             extra=["model.dtype=bf16"]))
+    adapters = [p for c in run.chunks for p in unwrap(c).parameters() if getattr(p, "lora", False)]
+    out["bf16"] = {"status": status, "records": records(bf16_dir), **_frozen_base(run, base),
+                   "adapter_dtypes": sorted({str(p.dtype) for p in adapters}),
+                   "adapter_numel": sum(p.numel() for p in adapters)}
+    out["bf16"]["master_dtypes"], out["bf16"]["master_numel"] = _masters(run.optimizer)
     return out

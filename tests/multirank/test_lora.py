@@ -23,9 +23,11 @@ LAYOUTS = {
     "tp1_ep1": (1, dict(), dict(subset=True)),
     "tp2_ep2_sp": (4, dict(tp=2, ep=2, sequence_parallel=True), dict()),
     "ep2_etp2": (4, dict(ep=2, etp=2), dict(train=False, grouped_gemm=True, lora=dict(rslora=True, alpha=3.0))),
+    "ep4": (4, dict(ep=4), dict(train=False)),
     "pp2_tp2_ep2_sp": (4, dict(pp=2, tp=2, ep=2, sequence_parallel=True), dict(train=False)),
 }
 TRAINED = ("tp1_ep1", "tp2_ep2_sp")
+PACKED = ("tp1_ep1", "tp2_ep2_sp", "pp2_tp2_ep2_sp")  # layouts whose launch also runs the packed-row checks
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
 # tiny model: 4 LLM layers x (q, k, v, o, experts gate_up + down, router), 3 ViT blocks x 4, 3 mergers x 2; A and B
 N_ADAPTERS = 2 * (4 * 7 + 3 * 4 + 3 * 2)
@@ -36,7 +38,7 @@ def _launch(name: str):
     world, layout, options = LAYOUTS[name]
     with tempfile.TemporaryDirectory(prefix="lora-export-") as export_dir:
         return name, run_on_ranks(lora_parity_checks, world, layout, export_dir=f"{export_dir}/adapter",
-                                  **options)
+                                  packed=name in PACKED, **options)
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -101,6 +103,30 @@ def test_initial_adapters_do_not_depend_on_the_layout(launch):
     assert merged == one_rank, name
     assert all(v == 0.0 for k, v in one_rank.items() if ".lora_B." in k)
     assert all(v != 0.0 for k, v in one_rank.items() if ".lora_A." in k)
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_row_matches_transformers_with_peft(name):
+    """A packed row (text, image, image + video, odd length) with the adapters: each sample's loss equals
+    transformers + peft's loss of the sample alone and the one-rank packed loss within 1e-5; the adapters'
+    gradients of the packed row's summed token losses equal those of the samples run as separate micro-batches
+    (1e-5 relative) and none is zero."""
+    _, results = _launch(name)
+    one_rank = _launch("tp1_ep1")[1][0]["packed"]["packed_loss"]
+    assert any(r["last_stage"] for r in results)
+    for rank, result in enumerate(results):
+        r = result["packed"]
+        if result["last_stage"]:
+            assert len(r["packed_loss"]) == len(r["hf_loss"]) == 3
+            for ours, ref, single in zip(r["packed_loss"], r["hf_loss"], one_rank):
+                assert abs(ours - ref) <= LOSS_TOL, (name, rank, r["packed_loss"], r["hf_loss"])
+                assert abs(ours - single) <= LOSS_TOL, (name, rank, r["packed_loss"], one_rank)
+        else:
+            assert r["packed_loss"] is None
+        assert r["grad_rel"] <= 1e-5, (name, rank, r["grad_rel"], r["grad_worst"])
+        # packed_checks lists every parameter whose gradient is zero: the frozen base's, no adapter
+        assert r["grad_zero"] and not [n for n in r["grad_zero"] if ".lora_" in n], (name, rank, r["grad_zero"])
+        assert r["dispatched_packed"] == r["dispatched_alone"] > 0, (name, rank, r)
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -46,6 +46,14 @@ class ConversionError(ValueError):
     """Bad input for a conversion; the message names the problem."""
 
 
+class UsageError(ConversionError):
+    """The command asks for something this input cannot give (a LoRA checkpoint without --adapter-only or
+    --merge-lora, or the reverse): exit 2, the message naming the flags."""
+
+
+LORA_KIND = "lora"  # qwenvl_mcore/lora/training.py: KIND, the kind of a LoRA training checkpoint (adapters only)
+
+
 def _check_args(procs, dtype) -> None:
     if type(procs) is not int or procs < 1:
         raise ConversionError(f"--procs {procs}: the number of processes must be at least 1.")
@@ -225,7 +233,7 @@ def _export_plan(layout: list[model_io.StoredParam], stored: dict, rules: dict, 
 
 
 def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, staging: str, out_dtype: str | None,
-                      expert_layout: str, max_bytes: int, progress: bool):
+                      expert_layout: str, max_bytes: int, progress: bool, adjust=None):
     from qwenvl_mcore.parallel import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
@@ -257,6 +265,8 @@ def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, stagin
             rule, hf_names = rules[p.name]
             for h, t in zip(hf_names, rule.to_hf(region.reshape(p.shape), ctx)):
                 if h in wanted:
+                    if adjust is not None:
+                        t = adjust(h, t, expert_layout)
                     tensors[h] = t.to(shapes[h][1]).contiguous()
         hf_io.write_shard(os.path.join(staging, hf_io.shard_file_name(i, len(shards))), tensors)
         bar.update(sum(size_of[h] for h in wanted))
@@ -269,8 +279,12 @@ def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, config: dict, stagin
 
 def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: str | None = None,
                 expert_layout: str = "released", max_shard_size: str | int = "5GB", procs: int = 1,
-                overwrite: bool = False, progress: bool = True) -> dict:
-    """Export a megatron checkpoint (converted or saved by the trainer, any layout) to an HF directory."""
+                overwrite: bool = False, progress: bool = True, adjust=None, also_reads=()) -> dict:
+    """Export a megatron checkpoint (converted or saved by the trainer, any layout) to an HF directory.
+
+    `adjust(hf_name, tensor, expert_layout) -> tensor`, picklable, changes each HF tensor before its cast to the
+    output dtype (lora/export.py merges adapters with it); `also_reads`: more inputs the output must stay apart
+    from."""
     from qwenvl_mcore.conversion.transforms import RELEASED, TRANSFORMERS5
 
     if expert_layout not in (RELEASED, TRANSFORMERS5):
@@ -280,17 +294,21 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
         max_bytes = hf_io.parse_size(max_shard_size)
     except ValueError as e:
         raise ConversionError(f"--max-shard-size: {e}") from None
-    model_io.check_output_apart(out, [mcore, config_dir])
+    model_io.check_output_apart(out, [mcore, config_dir, *also_reads])
     ckpt = model_io.resolve_checkpoint_dir(mcore)
-    inputs = [mcore, ckpt, config_dir]
+    inputs = [mcore, ckpt, config_dir, *also_reads]
     model_io.check_output_apart(out, inputs)
     info = model_io.read_info(ckpt)
+    if info.kind == LORA_KIND:
+        raise UsageError(f"{ckpt} is a LoRA checkpoint: it holds adapters only, trained on a base it names. Export "
+                         "it with --adapter-only (an HF PEFT adapter directory, for peft.PeftModel.from_pretrained "
+                         "on the base) or --merge-lora (a full HF checkpoint: the base with the adapters merged).")
     tensor_metadata(ckpt)  # a refused pickle or a missing/truncated data file fails here, before any worker starts
     config = load_hf_config(config_dir or info.hf_dir)
     args_from_hf_config(config)  # a config we cannot build fails here
     with _building(out, overwrite=overwrite, inputs=inputs) as staging:
         results = run_on_ranks(_mcore_to_hf_rank, procs, ckpt, config, staging, dtype, expert_layout, max_bytes,
-                               progress)
+                               progress, adjust)
         if "error" in results[0]:
             raise model_io.CheckpointError(results[0]["error"])
         model_io.copy_hf_side_files(info.hf_dir, staging)
@@ -300,11 +318,14 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
 
 
 def run_cli(convert, **kwargs) -> int:
-    """What both converter scripts do: run, print the result as one JSON line, or a clean error (exit 1; 143
-    when stopped by SIGTERM)."""
+    """What both converter scripts do: run, print the result as one JSON line, or a clean error (exit 1; 2 for a
+    UsageError; 143 when stopped by SIGTERM)."""
     start = time.time()
     try:
         result = convert(**kwargs)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ConversionError, *USER_ERRORS, OSError) as e:  # OSError: e.g. an --out that cannot be made, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1

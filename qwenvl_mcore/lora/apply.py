@@ -45,13 +45,14 @@ def target_kinds_of(module_name: str) -> list[str]:
     return [k for k, pat in MODULE_PATTERNS.items() if re.fullmatch(pat, module_name)]
 
 
-def apply_lora(chunks, cfg: LoRAConfig) -> list[tuple[str, torch.nn.Parameter]]:
+def apply_lora(chunks, cfg: LoRAConfig, *, init: bool = True) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze every parameter of `chunks` (this rank's model chunks, before DDP wrapping) and add trainable adapters
     to each module the config targets; return [(global adapter name, parameter)].
 
     A is drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)) per global tensor from a generator seeded by (cfg.seed, global
     name), then sharded, so every layout starts from the same adapters; B starts at 0 (the model is unchanged).
     A target kind that matches no module on any rank is a LoRAConfigError (collective when torch.distributed is up).
+    `init=False` leaves every adapter at 0 (a loader sets them; or a meta-device model, whose layout is all we need).
     """
     cfg.validate()
     if not cfg.enabled:
@@ -78,7 +79,8 @@ def apply_lora(chunks, cfg: LoRAConfig) -> list[tuple[str, torch.nn.Parameter]]:
         for local, p in model.named_parameters():
             if getattr(p, "lora", False):
                 global_name = engine.global_name(model, local)
-                _init_a(p, global_name, cfg.seed)
+                if init:
+                    _init_a(p, global_name, cfg.seed)
                 p.requires_grad_(True)
                 out.append((global_name, p))
     counts = torch.tensor([matched[k] for k in matched], dtype=torch.long)

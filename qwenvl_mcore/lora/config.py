@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 LLM_ATTENTION = ("q", "k", "v", "o")
 EXPERTS = ("experts_gate_up", "experts_down")
@@ -59,6 +60,9 @@ class LoRAConfig:
     rslora: bool = False
     targets: list[str] = field(default_factory=lambda: ["all"])
     seed: int = 0  # A's random init (drawn per global tensor, so any layout starts from the same adapters); B = 0
+    # An HF PEFT adapter directory to start from instead of that init (lora/adapter_dir.py); its rank, alpha, rslora
+    # and targets must be these. Ignored when the run resumes from a checkpoint (the checkpoint's adapters win).
+    init_from: Optional[str] = None
 
     @property
     def enabled(self) -> bool:
@@ -77,6 +81,9 @@ class LoRAConfig:
         if self.method not in METHODS:
             raise LoRAConfigError(f"peft.method={self.method!r}: choose one of {', '.join(METHODS)}.")
         if not self.enabled:
+            if self.init_from:
+                raise LoRAConfigError(f"peft.init_from={self.init_from} starts LoRA adapters from a PEFT adapter: it "
+                                      "needs peft=lora (and the adapter's peft.rank/alpha/rslora/targets).")
             return
         if self.rank < 1:
             raise LoRAConfigError(f"peft.rank={self.rank}: must be at least 1.")

@@ -223,12 +223,8 @@ def save_peft_adapter(chunks, args, cfg: LoRAConfig, out_dir, *, base_model: str
     """Write this model's adapters as an HF PEFT adapter directory (adapter_config.json +
     adapter_model.safetensors, fp32 as trained, peft's names and layouts). Collective: every rank calls it;
     pipeline stages send their tensors to global rank 0, which writes and returns the directory (None elsewhere)."""
-    import json
-    from pathlib import Path
-
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from safetensors.torch import save_file
 
     tensors = {k: v.cpu() for k, v in gather_peft_tensors(chunks, args, targets=cfg.target_set()).items()}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -238,14 +234,37 @@ def save_peft_adapter(chunks, args, cfg: LoRAConfig, out_dir, *, base_model: str
         tensors = {k: v for part in parts for k, v in part.items()}
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
+    return write_peft_adapter(tensors, cfg, out_dir, base_model=base_model)
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def write_peft_adapter(tensors: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir, *,
+                       base_model: str | None = None):
+    """Write peft-named global tensors (gather_peft_tensors' form) and `cfg` as an HF PEFT adapter directory."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / "adapter_model.safetensors"),
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config_json(cfg, base_model), indent=2) + "\n")
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_json(cfg, base_model), indent=2) + "\n")
     return out
 
 
-__all__ = ["PEFT_PREFIX", "peft_key", "gather_peft_tensors", "load_peft_tensors", "peft_config_fields",
-           "adapter_config_json", "save_peft_adapter",
+def hf_weight_name(global_name: str) -> str:
+    """The transformers weight one of our adapter tensors updates: `...q_proj.weight`, `...mlp.experts.gate_up_proj`,
+    `...mlp.gate.weight` (what W + scale * B @ A merges into)."""
+    module, _, kind = _split_name(global_name)
+    hf = _hf_module(kind, module)
+    return hf + {"experts_gate_up": ".gate_up_proj", "experts_down": ".down_proj"}.get(kind, ".weight")
+
+
+__all__ = ["PEFT_PREFIX", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "peft_key", "gather_peft_tensors",
+           "load_peft_tensors", "peft_config_fields", "adapter_config_json", "save_peft_adapter",
+           "write_peft_adapter", "hf_weight_name",
            "strip_adapter_name", "to_peft_layout", "from_peft_layout"]

@@ -29,6 +29,7 @@ from qwenvl_mcore.data.build import datasets_from_config
 from qwenvl_mcore.data.collate import DataError
 from qwenvl_mcore.data.pipeline import BatchShape, RankStep, StepBatches, empty_microbatch, step_loader
 from qwenvl_mcore.data.sampler import GlobalBatchSampler
+from qwenvl_mcore.lora import adapter_dir
 from qwenvl_mcore.lora import training as lora_training
 from qwenvl_mcore.lora.config import LoRAConfigError
 from qwenvl_mcore.models.qwen3_vl_moe.config import (
@@ -214,6 +215,11 @@ def _check_lora(cfg: DictConfig, resume_from: str | None) -> dict | None:
         base = lora_training.base_reference(cfg.model.init_from) if lora.enabled else None
         if resume_from is not None:
             lora_training.check_resume(lora, _saved_training(resume_from), base, resume_from)
+            if lora.init_from:
+                print(f"[train] peft.init_from={lora.init_from} is ignored: resuming from {resume_from}, whose "
+                      "adapters win.", flush=True)
+        elif lora.init_from:
+            adapter_dir.check_init_adapter(lora)
     except LoRAConfigError as e:
         raise ConfigError(str(e)) from None
     return base
@@ -324,6 +330,8 @@ def build_run(cfg: DictConfig, start: RunStart) -> Run:
     if lora.enabled:  # after the base is loaded, before DDP: only the adapters get gradient buffers and Adam state
         try:
             lora_training.prepare(chunks, lora)
+            if lora.init_from and resume_from is None:  # checked by start_run; on resume the checkpoint wins
+                adapter_dir.load_init_adapter(chunks, args, lora.init_from)
         except LoRAConfigError as e:
             raise ConfigError(str(e)) from None
     else:

@@ -1,17 +1,23 @@
 #!/usr/bin/env python
 """Check our megatron model against transformers on an HF Qwen3-VL MoE checkpoint, at a chosen parallel layout.
 
-    python tools/convert/verify.py --hf DIR [--mcore DIR] [--tp N --ep N --etp N --pp N] [--dtype fp32|bf16]
+    python tools/convert/verify.py --hf DIR [--mcore DIR] [--adapter DIR] [--tp N --ep N --etp N --pp N]
+                                   [--dtype fp32|bf16]
 
 Starts its own ranks (gloo on the CPU, one process per rank), runs transformers on --hf and our model on the same
 weights (read from --hf, or from the megatron checkpoint --mcore converted from it) and a built-in
 text + image + video sample, and prints as its last line a JSON object with max_abs_logit_diff,
 logit_cosine and top1_agreement (plus the loss difference and the layout).
+
+--adapter DIR adds an HF PEFT LoRA adapter (mcore2hf --adapter-only writes one) to both: transformers through
+peft.PeftModel.from_pretrained (the reference; this tool needs peft then), ours through apply_lora and the
+adapter's tensors (qwenvl_mcore.lora.peft_io). The adapter must be one for Qwen3-VL MoE (checked first, exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -21,7 +27,8 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwargs: dict, dtype_name: str) -> dict:
+def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwargs: dict, dtype_name: str,
+          adapter: str | None = None) -> dict:
     from transformers import AutoProcessor, Qwen3VLMoeForConditionalGeneration
 
     from qwenvl_mcore.checkpoint.model_io import load_model
@@ -37,7 +44,12 @@ def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwar
     layout = ParallelLayout(**layout_kwargs)
     init_distributed(layout)
     args = args_from_hf_config(load_hf_config(hf_dir))
-    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval().to(device())
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype)
+    if adapter:
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, adapter).get_base_model()  # the adapters stay in its modules
+    hf = hf.eval().to(device())
     processor = AutoProcessor.from_pretrained(hf_dir)
     batch = tiny.sample_inputs(processor, "image_video").to(device())
     chunks = [c.to(device()).eval() for c in build_model_chunks(args, layout, dtype=dtype)]
@@ -47,9 +59,18 @@ def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwar
         reader = SafetensorsReader(hf_dir)
         for chunk in chunks:
             engine.load_hf_weights(chunk, reader.get, Context(args))
+    if adapter:
+        from qwenvl_mcore.lora import adapter_dir
+        from qwenvl_mcore.lora.apply import apply_lora
+
+        what = f"--adapter {adapter}"
+        config, shapes = adapter_dir.read_adapter(adapter, what=what)
+        lora = adapter_dir.adapter_settings(adapter, config, shapes, what=what)
+        apply_lora(chunks, dataclasses.replace(lora, dropout=0.0), init=False)  # eval: no dropout either way
+        adapter_dir.load_init_adapter(chunks, args, adapter, what=what)
     report = parity.compare_forward(chunks, hf, batch)  # None except on the last pipeline stage
     if report is not None:
-        report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name)
+        report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name, adapter=adapter)
     return report
 
 
@@ -62,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--etp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--adapter", help="HF PEFT LoRA adapter directory, applied to both models")
     a = p.parse_args(argv)
 
     from qwenvl_mcore.checkpoint.model_io import CheckpointError, read_info, resolve_checkpoint_dir
+    from qwenvl_mcore.lora.config import LoRAConfigError
     from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError, args_from_hf_config, load_hf_config
     from qwenvl_mcore.parallel import LayoutError, ParallelLayout
     from qwenvl_mcore.testing.dist import run_on_ranks
@@ -77,10 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         if a.mcore:
             mcore = resolve_checkpoint_dir(a.mcore)
             read_info(mcore)
-    except (LayoutError, ModelConfigError, CheckpointError) as e:
+        if a.adapter:
+            from qwenvl_mcore.lora import adapter_dir
+
+            what = f"--adapter {a.adapter}"
+            config, shapes = adapter_dir.read_adapter(a.adapter, what=what)
+            adapter_dir.adapter_settings(a.adapter, config, shapes, what=what).validate()
+    except (LayoutError, ModelConfigError, CheckpointError, LoRAConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = next(r for r in run_on_ranks(_rank, world, a.hf, mcore, layout.as_dict(), a.dtype) if r is not None)
+    report = next(r for r in run_on_ranks(_rank, world, a.hf, mcore, layout.as_dict(), a.dtype, a.adapter)
+                  if r is not None)
     print(json.dumps(report))
     return 0
 

@@ -21,17 +21,12 @@ import re
 from qwenvl_mcore.lora import peft_io
 from qwenvl_mcore.lora.config import LoRAConfig, LoRAConfigError
 
-_LM, _VIT = re.escape(peft_io.LM), re.escape(peft_io.VIT)
+_LM = re.escape(peft_io.LM)
 # transformers module name (peft key without prefix and `.lora_X.weight`) -> target kind; experts: see _expert_kinds
 _KIND_OF_MODULE = [
-    (_LM + r"\.\d+\.self_attn\.q_proj", "q"), (_LM + r"\.\d+\.self_attn\.k_proj", "k"),
-    (_LM + r"\.\d+\.self_attn\.v_proj", "v"), (_LM + r"\.\d+\.self_attn\.o_proj", "o"),
+    *((pattern, kind) for kind, pattern in peft_io._HF_MODULE_REGEX.items()),
     (_LM + r"\.\d+\.mlp\.gate", "router"),
     (_LM + r"\.\d+\.mlp\.experts(?:\.base_layer)?", "experts"),
-    (_VIT + r"\.blocks\.\d+\.attn\.qkv", "vit_qkv"), (_VIT + r"\.blocks\.\d+\.attn\.proj", "vit_proj"),
-    (_VIT + r"\.blocks\.\d+\.mlp\.linear_fc1", "vit_fc1"), (_VIT + r"\.blocks\.\d+\.mlp\.linear_fc2", "vit_fc2"),
-    (_VIT + r"\.(?:merger|deepstack_merger_list\.\d+)\.linear_fc1", "merger_fc1"),
-    (_VIT + r"\.(?:merger|deepstack_merger_list\.\d+)\.linear_fc2", "merger_fc2"),
 ]
 _KEY = re.compile(re.escape(peft_io.PEFT_PREFIX) + r"(?P<module>.+)\.lora_(?:A|B)\.weight")
 # adapter_config.json fields that would change what the adapter computes, and the value we can take

@@ -197,3 +197,53 @@ def test_merge_lora_refuses_another_base(tmp_path):
     assert "was trained on the base" in proc.stderr and str(tmp_path / "other") in proc.stderr
     assert str(base()[1]) in proc.stderr and "--base" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_formula_is_peft_s_in_both_expert_layouts():
+    """MergeLoRA on the fused expert tensors: W + scale * delta with peft's own formula (delta_e = B_e @ A_e from
+    A [E*r, in] expert-major and B [out, r*E] expert-minor), laid out [E, out, in] for transformers 5's layout and
+    transposed for the released one; plain linears W + scale * B @ A."""
+    from qwenvl_mcore.lora.export import MergeLoRA
+
+    e, r, i, o = 3, 2, 5, 7
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(e * r, i, generator=gen), torch.randn(o, r * e, generator=gen)
+    a2, b2 = torch.randn(r, i, generator=gen), torch.randn(o, r, generator=gen)
+    keys = {"x.lora_A.weight": "m.mlp.experts.gate_up_proj", "x.lora_B.weight": "m.mlp.experts.gate_up_proj",
+            "y.lora_A.weight": "m.q_proj.weight", "y.lora_B.weight": "m.q_proj.weight"}
+    merge = MergeLoRA({"x.lora_A.weight": a, "x.lora_B.weight": b, "y.lora_A.weight": a2, "y.lora_B.weight": b2},
+                      keys, scale=0.5)
+    want = torch.einsum("ore,eri->eoi", b.view(o, r, e), a.view(e, r, i)) * 0.5
+    w5, wr = torch.randn(e, o, i, generator=gen), torch.randn(e, i, o, generator=gen)
+    torch.testing.assert_close(merge("m.mlp.experts.gate_up_proj", w5, "transformers5"), w5 + want)
+    torch.testing.assert_close(merge("m.mlp.experts.gate_up_proj", wr, "released"), wr + want.transpose(1, 2))
+    w = torch.randn(o, i, generator=gen, dtype=torch.bfloat16)
+    torch.testing.assert_close(merge("m.q_proj.weight", w, "released"), w.float() + 0.5 * b2 @ a2)
+    assert merge("m.k_proj.weight", w, "released") is w
+    with pytest.raises(ValueError, match="does not fit the weight"):
+        merge("m.mlp.experts.gate_up_proj", w5, "released")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"use_dora": True}, "use_dora=True"),
+    ({"peft_type": "IA3"}, "'IA3' adapter, not LoRA"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern="),
+    ("bin", "adapter_model.bin, a pickle"),
+])
+def test_adapter_variants_we_do_not_compute_are_refused(change, needle, tmp_path):
+    from qwenvl_mcore.lora import LoRAConfig, LoRAConfigError, adapter_dir
+
+    src = _adapter()
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((src / "adapter_config.json").read_text()), **(change if isinstance(change, dict) else {})}))
+    if change == "bin":
+        (tmp_path / "adapter_model.bin").write_bytes(b"")
+    else:
+        (tmp_path / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    run = LoRAConfig(method="lora", rank=4, alpha=8.0, targets=["all", "router"], init_from=str(tmp_path))
+    with pytest.raises(LoRAConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        adapter_dir.check_init_adapter(run)
+    if change == "bin":
+        return
+    (tmp_path / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    adapter_dir.check_init_adapter(run)  # the unchanged adapter passes

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from qwenvl_mcore.parallel import context_parallel
+
 if TYPE_CHECKING:  # pragma: no cover
     from qwenvl_mcore.models.qwen3_vl_moe.config import Qwen3VLMoeArgs
 
@@ -60,11 +62,9 @@ class ParallelLayout:
                 raise LayoutError(
                     f"parallel.vpp={self.vpp} needs pipeline parallelism: set parallel.pp >= 2 or parallel.vpp=null."
                 )
-        if self.cp > 1:
-            raise LayoutError(
-                f"parallel.cp={self.cp}: context parallelism is not supported by this release; set parallel.cp=1 "
-                "(use sequence_parallel with tp for long sequences)."
-            )
+        cp_problem = context_parallel.layout_problem(self.cp)
+        if cp_problem:
+            raise LayoutError(cp_problem)
         if self.sequence_parallel and self.tp == 1:
             raise LayoutError("parallel.sequence_parallel=true needs parallel.tp > 1; set it to false at tp=1.")
         if world_size is not None:

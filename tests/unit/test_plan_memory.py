@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from contextlib import redirect_stdout
 
 import pytest
@@ -19,7 +20,9 @@ STATE_CASES = (
     ("model.flavor=debug", "parallel=single", "model.dtype=fp32"),
     ("model.flavor=debug", "parallel=single", "model.dtype=bf16"),
     ("model.flavor=debug", "parallel=single", "model.dtype=bf16", "model.freeze_vision=true"),
+    ("model.flavor=debug", "parallel=single", "model.dtype=bf16", "peft=lora", "model.init_from=unused"),
 )
+LORA_CASE = 3
 
 
 # -- what one CPU rank really allocates -----------------------------------------------------------------------
@@ -74,16 +77,23 @@ def _one_rank(rank, world, cases):
     from qwenvl_mcore.testing import tiny
     from qwenvl_mcore.training.config import layout_of, optim_settings_of
     from qwenvl_mcore.training.setup import build_optimizer, wrap_ddp
+    from qwenvl_mcore.lora import training as lora_training
+    from qwenvl_mcore.lora.config import LoRAConfig
+    from qwenvl_mcore.models.qwen3_vl_moe.model import parameter_part
     from qwenvl_mcore.training.trainer import DTYPES, freeze
 
-    out = {"state": [], "activations": {}}
+    out = {"state": [], "activations": {}, "adapters": None}
     for overrides in cases:
         cfg = compose(list(overrides))
         layout = layout_of(cfg)
         init_distributed(layout, seed=cfg.trainer.seed)
         args = args_from_hf_config(flavor_hf_config(cfg.model.flavor))
         chunks = build_model_chunks(args, layout, dtype=DTYPES[cfg.model.dtype])
-        freeze(chunks, cfg)
+        if cfg.peft.method == "lora":  # what the trainer does: apply_lora on the loaded base, before DDP
+            adapters = lora_training.prepare(chunks, lora_training.lora_config(cfg))
+            out["adapters"] = [_adapter_record(name, p, parameter_part(name)) for name, p in adapters]
+        else:
+            freeze(chunks, cfg)
         chunks = wrap_ddp(chunks, distributed_optimizer=cfg.optim.distributed_optimizer)
         optimizer, _ = build_optimizer(chunks, optim_settings_of(cfg), steps=1)
         ids = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -101,18 +111,36 @@ def _one_rank(rank, world, cases):
                   num_experts=16, num_experts_per_tok=4, num_hidden_layers=2, rope_parameters=rope),
         vision=dict(out_hidden_size=256, hidden_size=128, num_heads=4, intermediate_size=320)).to_dict())
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        model = build_model_chunks(args, layout, dtype=dtype)[0]
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        s = 256
-        x = torch.randn(s, 1, args.text.hidden_size, dtype=dtype, requires_grad=True)
-        rotary = model.rotary(torch.arange(s).view(1, 1, s).expand(3, 1, s))
-        layer = model.decoder.layers[0]
-        got_layer = _saved_bytes(lambda: layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary), params)
-        grid = torch.tensor([[1, 16, 32]])  # 512 patches in one image
-        pixels = torch.randn(512, model.vision.patch_dim)
-        got_vit = _saved_bytes(lambda: model.vision(pixels, grid), params)
-        out["activations"][name] = {"layer": got_layer, "vit": got_vit, "args": args, "tokens": s, "patches": 512}
+        for lora in (False, True):
+            model = build_model_chunks(args, layout, dtype=dtype)[0]
+            if lora:  # every target but the router, the base frozen
+                lora_training.prepare([model], LoRAConfig(method="lora", rank=LORA_RANK))
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            s = 256
+            x = torch.randn(s, 1, args.text.hidden_size, dtype=dtype, requires_grad=True)
+            rotary = model.rotary(torch.arange(s).view(1, 1, s).expand(3, 1, s))
+            layer = model.decoder.layers[0]
+            got_layer = _saved_bytes(lambda: layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary),
+                                     params)
+            grid = torch.tensor([[1, 16, 32]])  # 512 patches in one image
+            pixels = torch.randn(512, model.vision.patch_dim)
+            got_vit = _saved_bytes(lambda: model.vision(pixels, grid), params)
+            out["activations"][name + ("_lora" if lora else "")] = {
+                "layer": got_layer, "vit": got_vit, "args": args, "tokens": s, "patches": 512}
     return out
+
+
+LORA_RANK = 8  # the activation check's adapters (the state case takes conf/peft/lora.yaml's rank)
+
+
+def _adapter_record(name, p, part) -> dict:
+    """What the planner must reproduce of one real adapter tensor: its target kind, A or B, shape, part, whether
+    it is an expert tensor, and the sharding megatron and the checkpoint code read from it (split dim over TP /
+    expert-TP; expert tensors also over EP on dim 0)."""
+    ab, kind = name.rsplit(".", 2)[-2:]
+    return {"name": name, "kind": kind, "ab": ab[-1], "shape": tuple(p.shape), "part": part,
+            "expert": not getattr(p, "allreduce", True), "split": getattr(p, "tensor_model_parallel", False),
+            "dim": getattr(p, "partition_dim", -1)}
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +150,7 @@ def measured():
     return run_on_ranks(_one_rank, 1, STATE_CASES)[0]
 
 
-@pytest.mark.parametrize("case", range(len(STATE_CASES)), ids=["fp32", "bf16", "bf16_frozen_vit"])
+@pytest.mark.parametrize("case", range(len(STATE_CASES)), ids=["fp32", "bf16", "bf16_frozen_vit", "bf16_lora"])
 def test_tiny_model_state_matches_measured_bytes(measured, case):
     """Planned weights / gradients / optimizer bytes of the tiny model at one rank are within 5% of what megatron's
     DDP buffers, parameters and distributed optimizer (after one Adam step) really hold."""
@@ -153,6 +181,95 @@ def test_activation_formulas_match_saved_tensors(measured, dtype):
     assert abs(planned_vit - m["vit"]) <= 0.10 * m["vit"]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lora_activation_formulas_bound_saved_tensors(measured, dtype):
+    """The same layer and ViT with adapters on every linear but the router (rank 8) and a frozen base. The planner
+    counts full training's tensors plus each adapter's z: an upper bound, since a frozen base keeps a little less
+    (a norm's output before its frozen weight is kept only for that weight's gradient). Checked: what LoRA keeps
+    is at most the measured full-training bytes plus the planned adapters' bytes, and the planned figure is within
+    25% (layer) / 40% (ViT) of the measured one (measured on the CPU: layer 8-10%, ViT 26% below the plan)."""
+    from qwenvl_mcore.parallel import ParallelLayout
+    from qwenvl_mcore.training.lora_sites import LoRAShape, resolve_targets
+
+    full, got = measured["activations"][dtype], measured["activations"][dtype + "_lora"]
+    lora = LoRAShape(LORA_RANK, resolve_targets(["all"]))
+    b = 4 if dtype == "fp32" else 2
+    args, lay = got["args"], ParallelLayout()
+    layer = memory.layer_activation_bytes(args, lay, got["tokens"], b, lora=lora)
+    planned_layer = sum(layer.values()) - layer["mask_bias"]
+    vit = memory.vision_activation_bytes(args, lay, got["patches"], b, lora=lora)["saved"]
+    vit_adapters = vit - memory.vision_activation_bytes(args, lay, got["patches"], b)["saved"]
+    print(f"{dtype} LoRA: layer measured {got['layer']} (full training {full['layer']}) planned {planned_layer} "
+          f"(adapters {layer['adapters']}); vit measured {got['vit']} (full training {full['vit']}) planned {vit} "
+          f"(adapters {vit_adapters})")
+    assert layer["adapters"] > 0 and vit_adapters > 0
+    assert got["layer"] <= full["layer"] + layer["adapters"]
+    assert got["vit"] <= full["vit"] + vit_adapters
+    assert got["layer"] <= planned_layer <= 1.25 * got["layer"]
+    assert got["vit"] <= vit <= 1.40 * got["vit"]
+
+
+def test_lora_state_is_the_real_adapters(measured):
+    """peft=lora on the tiny model at one rank (qwenvl_mcore.lora apply_lora, as the trainer runs it): the planner
+    enumerates exactly the real adapter tensors (target, A/B, element count, part, expert or not), and every base
+    tensor is frozen: its weights count without padding, no gradient or optimizer byte (the byte totals are
+    checked against megatron's buffers by test_tiny_model_state_matches_measured_bytes[bf16_lora])."""
+    from collections import Counter
+
+    from qwenvl_mcore.parallel import ParallelLayout
+
+    cfg = compose(list(STATE_CASES[LORA_CASE]))
+    run = memory.from_config(cfg, world_size=1)
+    assert run.lora is not None and run.lora.rank == cfg.peft.rank
+    real = measured["adapters"]
+    planned = [p for chunk in memory.stage_chunks(run.args, ParallelLayout(), 0, run.lora) for p in chunk
+               if p.adapter]
+
+    def key(kind, ab, numel, part, expert):
+        return (kind, ab, numel, part, expert)
+
+    got = Counter(key(r["kind"], r["ab"], math.prod(r["shape"]), r["part"], r["expert"]) for r in real)
+    want = Counter(key(p.name.rsplit(".", 1)[1], p.name.rsplit(".", 2)[-2][-1], p.numel, p.part, p.expert)
+                   for p in planned)
+    assert got == want
+    assert sum(p.numel for p in planned) == sum(math.prod(r["shape"]) for r in real)
+    assert {r["kind"] for r in real} == set(run.lora.kinds) and "router" not in run.lora.kinds
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2, ep=2), dict(tp=2, ep=2, etp=2), dict(tp=2, ep=8)],
+                         ids=["tp2_ep2", "tp2_ep2_etp2", "tp2_ep8"])
+def test_lora_sharding_follows_the_real_adapters(measured, layout):
+    """Per rank at TP2 x EP2, TP2 x EP2 x ETP2 and TP2 x EP8, the planner's adapter tensors equal the real
+    adapters' global shapes split as the real tensors declare (what megatron's finalize and the checkpoint code
+    read): expert tensors on dim 0 over EP and, where they carry a split dim, on it over expert-TP; dense
+    tensors marked tensor-parallel on their split dim over TP. Single process: the declaration comes from the
+    one-rank model, the layout's sizes from the planner."""
+    from collections import Counter
+
+    from qwenvl_mcore.parallel import ParallelLayout
+
+    lay = ParallelLayout(**layout, sequence_parallel=True)
+    cfg = compose(list(STATE_CASES[LORA_CASE]))
+    run = memory.from_config(cfg, world_size=1)
+    args = run.args
+    lay.validate(model=args)
+
+    def local(r) -> int:
+        shape = list(r["shape"])
+        if r["expert"]:
+            shape[0] //= lay.ep
+            if r["dim"] >= 0:
+                shape[r["dim"]] //= lay.etp
+        elif r["split"]:
+            shape[r["dim"]] //= lay.tp
+        return math.prod(shape)
+
+    got = Counter((r["kind"], r["ab"], local(r)) for r in measured["adapters"])
+    planned = [p for chunk in memory.stage_chunks(args, lay, 0, run.lora) for p in chunk if p.adapter]
+    want = Counter((p.name.rsplit(".", 1)[1], p.name.rsplit(".", 2)[-2][-1], p.numel) for p in planned)
+    assert got == want
+
+
 # -- sharding: the planner's per-rank tensors are the real model's ---------------------------------------------
 def _shard_rank(rank, world, layouts):
     import torch
@@ -162,40 +279,54 @@ def _shard_rank(rank, world, layouts):
     from qwenvl_mcore.parallel import ParallelLayout, init_distributed
     from megatron.core import parallel_state
 
+    from qwenvl_mcore.lora.apply import apply_lora
+    from qwenvl_mcore.lora.config import LoRAConfig
+
     args = args_from_hf_config(flavor_hf_config("debug"))
     out = []
     for kwargs in layouts:
+        kwargs = dict(kwargs)
+        lora = kwargs.pop("lora", False)
         layout = ParallelLayout(**kwargs)
         init_distributed(layout, seed=1)
         with torch.device("meta"):
             chunks = build_model_chunks(args, layout, use_cpu_initialization=False, perform_initialization=False)
+        if lora:  # conf/peft/lora.yaml's adapters (rank 16, every target but the router)
+            apply_lora(chunks, LoRAConfig(method="lora"))
         counts = {}
         for c in chunks:
             for name, p in c.named_parameters():
                 key = "expert" if not getattr(p, "allreduce", True) else parameter_part(name)
+                key = ("lora_" if getattr(p, "lora", False) else "") + key
                 counts[key] = counts.get(key, 0) + p.numel()
         out.append((parallel_state.get_pipeline_model_parallel_rank(), counts))
     return out
 
 
-SHARD_LAYOUTS = (dict(tp=2, ep=2, sequence_parallel=True), dict(pp=2))
+SHARD_LAYOUTS = (dict(tp=2, ep=2, sequence_parallel=True), dict(pp=2),
+                 dict(tp=2, ep=2, sequence_parallel=True, lora=True), dict(pp=2, lora=True))
 
 
 def test_planned_shards_equal_the_real_model():
     """Every rank of a TP2 x EP2 (SP) and of a PP2 layout holds exactly the elements the planner enumerates for
-    its stage: dense language, vision, merger and expert parameters (two ranks, the tiny model on the meta device)."""
+    its stage: dense language, vision, merger and expert parameters (two ranks, the tiny model on the meta device);
+    with LoRA (apply_lora, conf/peft/lora.yaml's adapters) the adapters' elements per part and expert too."""
+    from qwenvl_mcore.lora.config import LoRAConfig
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config
     from qwenvl_mcore.parallel import ParallelLayout
     from qwenvl_mcore.testing.dist import run_on_ranks
+    from qwenvl_mcore.training.lora_sites import LoRAShape
 
     results = run_on_ranks(_shard_rank, 2, SHARD_LAYOUTS)
     args = args_from_hf_config(flavor_hf_config("debug"))
     for rank_results in results:
         for kwargs, (pp_rank, counts) in zip(SHARD_LAYOUTS, rank_results):
+            kwargs = dict(kwargs)
+            lora = LoRAShape.of(LoRAConfig(method="lora")) if kwargs.pop("lora", False) else None
             planned = {}
-            for chunk in memory.stage_chunks(args, ParallelLayout(**kwargs), pp_rank):
+            for chunk in memory.stage_chunks(args, ParallelLayout(**kwargs), pp_rank, lora):
                 for p in chunk:
-                    key = "expert" if p.expert else p.part
+                    key = ("lora_" if p.adapter else "") + ("expert" if p.expert else p.part)
                     planned[key] = planned.get(key, 0) + p.numel
             assert planned == counts, (kwargs, pp_rank, planned, counts)
 
@@ -243,6 +374,57 @@ def test_every_preset_fits_under_90_percent_of_80_gib(name):
     print(memory.format_plan(p))
     assert p.fits, memory.format_plan(p)
     assert p.largest >= cfg.data.seq_length * (1 if cfg.data.packing else cfg.data.micro_batch_size)
+
+
+def test_lora_235b_fits_one_node_of_8x80_gib():
+    """The 235B LoRA preset fits 80 GiB GPUs (under the 90% budget) on one node of 8, at its 9,216-token packed
+    sequences, with the base frozen in bf16: no gradient or optimizer byte for it; and the CLI says so in words."""
+    import importlib.util
+
+    from qwenvl_mcore.training.config import CONF_DIR
+
+    cfg = compose(["experiment=lora_235b_a22b_1x8xh100"])
+    run = memory.from_config(cfg)
+    assert run.world_size == 8 and run.lora is not None and run.param_bytes == 2
+    p = memory.plan(run, gpu_gib=80, fraction=0.9)
+    assert p.fits and p.largest == cfg.data.seq_length == 9216, memory.format_plan(p)
+    worst = p.worst
+    assert 60 * 2**30 < worst["total"] <= 72 * 2**30
+    # the frozen base: bf16 weights ~57.6 GiB; adapters' fp32 grads and states only a few GiB
+    assert worst["weights"] > 55 * 2**30 and worst["gradients"] < 2 * 2**30 and worst["optimizer"] < 5 * 2**30
+    # one more 1,024 tokens would not fit: the preset takes the longest length in 1,024-token steps
+    longer = memory.stage_memory(run, 0, seq_length=cfg.data.seq_length + 1024)
+    assert longer["total"] > p.budget
+
+    spec = importlib.util.spec_from_file_location("plan_memory", CONF_DIR.parent / "tools" / "plan_memory.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = io.StringIO()
+    with redirect_stdout(text):
+        assert cli.main(["experiment=lora_235b_a22b_1x8xh100"]) == 0
+    out = text.getvalue()
+    assert "lora_235b_a22b_1x8xh100 fits one node of 8 x 80 GiB" in out, out
+    assert "the longest packed sequence it allows: 9216 tokens" in out, out
+    assert "LoRA rank 16" in out
+
+
+def test_lora_leaves_full_training_unchanged_and_costs_less():
+    """peft=lora changes nothing of a full-training plan (adapters are enumerated only with LoRA), and at the same
+    layout it needs far less: no gradient or optimizer state of the base, weights without DDP's padding."""
+    base = ["experiment=sft_30b_a3b_1x8xh100"]
+    full = memory.from_config(compose(base))
+    assert full.lora is None
+    assert not any(p.adapter for c in memory.stage_chunks(full.args, full.layout, 0) for p in c)
+    lora = memory.from_config(compose(base + ["peft=lora", "model.init_from=unused"]))
+    f, l_ = memory.stage_memory(full, 0), memory.stage_memory(lora, 0)
+    # the same base tensors, frozen: weights without padding, plus the adapters
+    base_elements = sum(p.numel for c in memory.stage_chunks(full.args, full.layout, 0) for p in c)
+    adapter_elements = sum(p.numel for c in memory.stage_chunks(lora.args, lora.layout, 0, lora.lora) for p in c
+                           if p.adapter)
+    assert l_["weights"] >= 2 * (base_elements + adapter_elements)
+    assert l_["weights"] < 2 * (base_elements + adapter_elements) + 2 * 64 * 10_000  # padding of the adapters only
+    assert l_["gradients"] < 0.05 * f["gradients"] and l_["optimizer"] < 0.05 * f["optimizer"]
+    assert l_["activations"] > f["activations"]  # the adapters' z on top of full training's tensors
 
 
 def test_cli_table_and_json_have_every_category():

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_there_are_experiments():
-    assert {"debug_cpu_tp2_ep2", "sft_30b_a3b_1x8xh100", "sft_30b_a3b_2x8xh100", "sft_235b_a22b_8x8xh100"} <= set(
-        EXPERIMENTS)
+    assert {"debug_cpu_tp2_ep2", "sft_30b_a3b_1x8xh100", "sft_30b_a3b_2x8xh100", "sft_235b_a22b_8x8xh100",
+            "lora_235b_a22b_1x8xh100", "lora_30b_a3b_1x4xh100"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -31,8 +31,12 @@ def test_experiment_composes_and_its_layout_fits_the_model(name):
     layout_of(cfg).validate(model=args)
     if name.startswith("sft_30b"):
         assert args.text.num_hidden_layers == 48 and args.text.num_experts == 128
-    if name.startswith("sft_235b"):
+    if name.startswith(("sft_235b", "lora_235b")):
         assert args.text.num_hidden_layers == 94
+    if name.startswith("lora_"):  # a frozen base in bf16 and adapters (conf/peft/lora.yaml), on the named GPUs
+        assert cfg.peft.method == "lora" and cfg.model.init_from and cfg.model.dtype == "bf16"
+        gpus = {"lora_235b_a22b_1x8xh100": 8, "lora_30b_a3b_1x4xh100": 4}[name]
+        layout_of(cfg).validate(world_size=gpus, model=args)
 
 
 @pytest.mark.parametrize("override, names", [

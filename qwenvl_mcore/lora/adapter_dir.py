@@ -19,7 +19,7 @@ import os
 import re
 
 from qwenvl_mcore.lora import peft_io
-from qwenvl_mcore.lora.config import LoRAConfig, LoRAConfigError
+from qwenvl_mcore.lora.config import GROUPS, LoRAConfig, LoRAConfigError
 
 _LM = re.escape(peft_io.LM)
 # transformers module name (peft key without prefix and `.lora_X.weight`) -> target kind; experts: see _expert_kinds
@@ -155,8 +155,13 @@ def check_matches(run: LoRAConfig, adapter: LoRAConfig, path: str) -> None:
 
 
 def _override(value) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(value) + "]"
+    if isinstance(value, list):  # target kinds, as groups where a whole group is there
+        left, names = set(value), []
+        for group in ("all", "attention", "experts", "vit", "mergers"):
+            if set(GROUPS[group]) <= left:
+                names.append(group)
+                left -= set(GROUPS[group])
+        return "[" + ",".join(names + sorted(left)) + "]"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

@@ -120,9 +120,17 @@ def lora_training_checks(rank: int, world: int, work: str, base: str, other_base
     del run
     out["straight"] = records(straight)
 
-    # stop at RESUME_AT (its checkpoint, copied into a fresh run) and resume to STEPS
+    # RESUME_AT's checkpoint copied into a fresh run; that run stopped after one step the way a pre-empted job is
+    # (the stop file slurm/node.sh creates: checkpoint at the step reached, status preempted), then resumed to STEPS
     resumed = os.path.join(work, "resumed")
     _copy_checkpoint(straight, resumed, RESUME_AT)
+    stop_file = os.path.join(work, "stop_now")
+    if rank == 0:
+        open(stop_file, "w").close()
+    dist.barrier()
+    out["stopped_status"] = trainer.train(compose(resumed, base), stop_file=stop_file)
+    out["stopped_latest"] = open(os.path.join(resumed, "checkpoints", "latest")).read().strip()
+    dist.barrier()
     out["resumed_status"] = trainer.train(compose(resumed, base))
     out["resumed"] = records(resumed)
     # the same checkpoint resumed at another layout (DP4: no TP, no EP, no SP)

@@ -4,7 +4,8 @@ launch (tests/multirank/_lora_training_checks.py):
 - 20 steps: the base is bit-identical to a fresh load of model.init_from, stays fp32, has no gradient buffer and no
   optimizer state (only adapters are in megatron's DDP buffers, from which the distributed optimizer takes its
   parameters); every B moved off zero; the loss falls;
-- the run's checkpoint of step 12 copied into a fresh run and resumed gives the straight run's steps 13-20 bit for bit;
+- the run's checkpoint of step 12 copied into a fresh run, stopped after step 13 by the stop file (as slurm/node.sh
+  stops a pre-empted job) and resumed gives the straight run's steps 13-20 bit for bit;
 - resumed at DP4 (no TP, EP, SP) instead, it stays within 1e-5 of the loss and 1e-4 of the grad norm (relative);
 - layout invariance from step 0: the first 10 steps at TP2xEP2+SP and at PP2 (x DP2) equal one rank's (loss 1e-5,
   grad norm 1e-4 relative; a second launch, of one rank);
@@ -116,8 +117,11 @@ def test_twenty_steps_train_only_adapters_on_a_bit_identical_base():
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses  # 6.69 -> 5.75 at the time of writing
 
 
-def test_resume_is_bit_identical():
+def test_stop_and_resume_is_bit_identical():
+    """Resumed from step 12, stopped by the stop file after step 13 (checkpointed there), resumed again: steps 13-20
+    equal the straight run's bit for bit."""
     r = launch()[0]
+    assert r["stopped_status"] == "preempted" and r["stopped_latest"] == f"step_{RESUME_AT + 1:07d}"
     assert r["resumed_status"] == "completed"
     assert [m["step"] for m in r["resumed"]] == list(range(RESUME_AT + 1, STEPS + 1))
     assert r["resumed"] == r["straight"][RESUME_AT:]

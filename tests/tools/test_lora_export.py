@@ -144,7 +144,7 @@ def test_init_from_imports_the_exported_adapter_bit_for_bit():
 @pytest.mark.parametrize("name,needles", [
     ("rank", ["peft.rank=8 but the adapter has r=4", "Set peft.rank=4"]),
     ("alpha_targets", ["peft.alpha=16.0 but the adapter has lora_alpha=8.0", "peft.targets=['k', 'o', 'q', 'v']",
-                       "peft.alpha=8.0"]),
+                       "Set peft.alpha=8.0 peft.targets=[all,router] (the adapter's)"]),
     ("rslora", ["peft.rslora=True but the adapter has use_rslora=False", "peft.rslora=false"]),
     ("llama", ["not made for transformers' Qwen3VLMoeForConditionalGeneration", "meta-llama/Llama-2-7b-hf",
                "self_attn.q_proj"]),
@@ -247,3 +247,11 @@ def test_adapter_variants_we_do_not_compute_are_refused(change, needle, tmp_path
         return
     (tmp_path / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
     adapter_dir.check_init_adapter(run)  # the unchanged adapter passes
+
+
+def test_verify_refuses_an_adapter_of_another_model():
+    """verify.py --adapter with an adapter that is not Qwen3-VL MoE's: exit 2 naming it, before any rank starts."""
+    proc = _tool("verify.py", "--hf", base()[0], "--adapter", WORK / "runs" / "bad_llama", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--adapter" in proc.stderr and "meta-llama/Llama-2-7b-hf" in proc.stderr
+    assert "Warning" not in proc.stderr  # the libraries' known notices stay off the console

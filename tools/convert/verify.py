@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", help="HF PEFT LoRA adapter directory, applied to both models")
     a = p.parse_args(argv)
 
+    from qwenvl_mcore import library_noise
+
+    library_noise.install()  # before megatron loads (--adapter's checks import it): known notices off the console
     from qwenvl_mcore.checkpoint.model_io import CheckpointError, read_info, resolve_checkpoint_dir
     from qwenvl_mcore.lora.config import LoRAConfigError
     from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError, args_from_hf_config, load_hf_config

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/plan_memory.py experiment=sft_30b_a3b_1x8xh100 [Hydra overrides] [--gpu-gib 80] [--json]
     .venv/bin/python tools/plan_memory.py --all              # every preset in conf/experiment, then a summary
+    .venv/bin/python tools/plan_memory.py --presets          # the README's table of presets (what each fits)
 
 The model of memory is qwenvl_mcore/training/memory.py; this file only parses arguments and prints.
 Exit status: 0 when every planned run fits under --fraction of --gpu-gib, 1 when one does not, 2 on a bad config.
@@ -36,6 +37,35 @@ def _parser() -> argparse.ArgumentParser:
                         "whose "
                         "fp32 temporary of the largest parameter group's shard counts at the optimizer step")
     p.add_argument("--json", action="store_true", help="print JSON (every stage, bytes) instead of tables")
+    p.add_argument("--presets", action="store_true",
+                   help="print the README's table of presets: hardware, layout, what trains, the sequence length "
+                        "and per-GPU memory (GPU-less presets left out)")
+    return p
+
+
+MODELS = {"qwen3_vl_30b_a3b": "Qwen3-VL-30B-A3B", "qwen3_vl_235b_a22b": "Qwen3-VL-235B-A22B"}
+
+
+def presets_table(rows) -> str:
+    """The README's table: one row per (name, cfg, plan) of a preset for real GPUs (a released model's flavor)."""
+    out = ["| preset | model | GPUs | layout | trains | packed tokens: preset / longest that fits | GiB per GPU |",
+           "|---|---|---|---|---|---|---|"]
+    for name, cfg, p in rows:
+        lay = p.layout
+        layout = " ".join(f"{k}{lay[k]}" for k in ("tp", "pp", "ep", "etp", "cp") if (lay.get(k) or 1) > 1)
+        layout += " sp" if lay.get("sequence_parallel") else ""
+        if cfg.peft.method == "lora":
+            targets = ("every linear but the router" if list(cfg.peft.targets) == ["all"]
+                       else ", ".join(cfg.peft.targets))
+            trains = f"LoRA rank {cfg.peft.rank} on {targets}; base frozen"
+        else:
+            frozen = [part for part in ("vision", "merger", "language") if cfg.model[f"freeze_{part}"]]
+            trains = "everything" + (f" but {', '.join(frozen)}" if frozen else "")
+        longest = f"{p.largest:,}{'+' if p.largest_capped else ''}"
+        out.append(f"| `{name}` | {MODELS[cfg.model.flavor]} | {p.world_size} x {int(p.gpu_gib)} GiB | {layout} | "
+                   f"{trains} | {cfg.data.seq_length:,} / {longest} | {p.worst['total'] / 2**30:.1f} of "
+                   f"{p.budget / 2**30:.0f} |")
+    return "\n".join(out)
     return p
 
 
@@ -45,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl_mcore.training import memory
     from qwenvl_mcore.training.config import CONF_DIR, ConfigError, compose
 
-    if args.all:
+    if args.all or args.presets:
         names = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
         runs = [[f"experiment={n}", *[o for o in args.overrides if not o.startswith("experiment=")]] for n in names]
     else:
@@ -53,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print("plan_memory: give experiment=<preset> (and any overrides), or --all", file=sys.stderr)
             return 2
         runs = [args.overrides]
-    plans = []
+    plans, cfgs = [], []
     for overrides in runs:
         try:
             cfg = compose(overrides)
@@ -63,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"plan_memory: {' '.join(overrides)}: {e}", file=sys.stderr)
             return 2
         plans.append(memory.plan(shape, gpu_gib=args.gpu_gib, fraction=args.fraction))
+        cfgs.append(cfg)
+    if args.presets:
+        print(presets_table([(run[0].split("=", 1)[1], cfg, p) for run, cfg, p in zip(runs, cfgs, plans)
+                             if cfg.model.flavor in MODELS]))
+        return 0 if all(p.fits for p in plans) else 1
     if args.json:
         print(json.dumps([p.as_dict() for p in plans] if args.all else plans[0].as_dict(), indent=1))
     else:

@@ -1,9 +1,43 @@
-"""Context parallelism (parallel.cp): splitting packed rows over the CP ranks and attention across them.
+"""Context parallelism (parallel.cp): packed rows split over the CP ranks, attention across them.
 
-Not implemented yet: `layout_problem` refuses cp > 1 so that a layout asking for it fails up front.
+How a row is split (`RowSplit`)
+-------------------------------
+A packed row holds samples (boundaries `cu_seqlens`) followed by padding. Each sample of L tokens is cut into 2*cp
+chunks and CP rank r holds chunks r and 2*cp-1-r (causal load balancing: an early chunk, cheap to attend from, with
+a late, expensive one). Chunks are *uneven* rather than padded: the sample is first cut into cp pairs of L // cp or
+L // cp + 1 tokens (the + 1s go to the ranks holding the fewest tokens so far, so the ranks stay within one token
+of each other over the row), each pair into a front chunk (pair // 2 tokens) and a back chunk (the rest); chunks of
+a sample differ by at most one token, and a sample shorter than 2*cp simply has empty chunks. The row's padding
+then fills every rank up to the same local length n = roundup(ceil(s / cp), multiple) (multiple = tp under
+sequence parallelism), padding tokens attending only to themselves. So no sample is padded, the split row's
+length cp * n depends only on the row length s (megatron's pipeline needs one shape for every micro-batch), and a
+rank's slice is: for every sample its front chunk then its back chunk, then its padding.
+
+Everything per token (ids, labels, MRoPE position ids computed for the *whole* row first, masks, visual
+placements) is taken from the full row through one index, `RowSplit.source` (the original position of every slot
+of the split row, rank-major; -1 for the few padding slots added to reach cp * n).
+
+Attention (`ContextParallelAttention`, `AllGatherKV`)
+-----------------------------------------------------
+Each rank all-gathers K and V of the whole row over the CP group (backward: reduce-scatter of dK, dV) and attends
+from its own queries: each of its chunks is a block of queries whose keys are the sample's chunks 0..k (gathered
+by index), causal aligned to the bottom right (the chunk's own keys are the last ones). Attention stays inside each
+sample and is causal by original positions. All-gather rather than a ring exchange: it is exact, one collective per
+layer each way with no online-softmax merging or per-step kernel launches, it works the same for any number of
+samples of any length per row (a ring must cut every step by sample boundaries), and its cost, K/V of the whole row
+on every rank ((cp - 1) / cp of the row's K/V received), is small next to the activations for GQA models
+(Qwen3-VL: 4 KV heads against 32 query heads). A ring would overlap that communication with compute and keep
+only 1/cp of K/V per step: worth it for very long rows at large cp, not for ours.
+
+Not here: the ViT runs whole on every CP rank and each rank takes its slice of the visual features (its gradient
+flows only from its own tokens; summed over CP by the data-parallel gradient reduction, which spans DP x CP).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
 
 
 def layout_problem(cp: int) -> str | None:
@@ -12,3 +46,256 @@ def layout_problem(cp: int) -> str | None:
         return (f"parallel.cp={cp}: context parallelism is not supported by this release; set parallel.cp=1 "
                 "(use sequence_parallel with tp for long sequences).")
     return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The split of a row (pure functions, host side)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def local_length(s: int, cp: int, multiple: int = 1) -> int:
+    """Tokens per CP rank for a row of s tokens: ceil(s / cp) rounded up to `multiple` (tp under SP)."""
+    n = -(-s // cp)
+    return -(-n // multiple) * multiple
+
+
+def split_length(s: int, cp: int, multiple: int = 1) -> int:
+    """Length of the split row (all CP ranks together), the sequence length megatron's pipeline sees."""
+    return cp * local_length(s, cp, multiple)
+
+
+def sample_chunks(length: int, cp: int, held: list[int]) -> list[tuple[int, int]]:
+    """Cut one sample of `length` tokens into 2*cp chunks: (start, size) within the sample, in sample order.
+
+    `held` (tokens each rank holds so far) decides which ranks get the remainder's extra token; it is updated."""
+    q, rem = divmod(length, cp)
+    extra = sorted(range(cp), key=lambda r: (held[r], r))[:rem]
+    pairs = [q + (r in extra) for r in range(cp)]
+    sizes = [pairs[r] // 2 for r in range(cp)] + [pairs[r] - pairs[r] // 2 for r in reversed(range(cp))]
+    for r in range(cp):
+        held[r] += pairs[r]
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, size))
+        start += size
+    return out
+
+
+def chunk_owner(k: int, cp: int) -> int:
+    """The CP rank holding chunk k (0 <= k < 2*cp) of every sample."""
+    return k if k < cp else 2 * cp - 1 - k
+
+
+@dataclass(eq=False)
+class RowSplit:
+    """How one packed row of s tokens is split over cp ranks (see the module docstring).
+
+    `source` [cp * n] long: original row position of every slot of the split row (rank r holds slots
+    r*n .. (r+1)*n - 1), -1 for added padding. `blocks[r]`: rank r's attention blocks, (query start in its slice,
+    query length, key slots in the split row) in slice order; padding slots are blocks of one query and itself.
+    """
+
+    s: int
+    cp: int
+    n: int
+    source: torch.Tensor
+    blocks: list[list[tuple[int, int, list[int]]]]
+    chunks: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)  # (sample start, its 2cp chunks)
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, cu_seqlens, s: int, cp: int, multiple: int = 1) -> "RowSplit":
+        cu = [int(x) for x in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+        if not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > s:
+            raise ValueError(f"cu_seqlens must rise from 0 to at most {s}, got {cu}")
+        n = local_length(s, cp, multiple)
+        held = [0] * cp
+        slots: list[list[int]] = [[] for _ in range(cp)]
+        layout = []  # (sample start, chunks)
+        for a, b in zip(cu[:-1], cu[1:]):
+            if b > a:
+                layout.append((a, sample_chunks(b - a, cp, held)))
+        for start, chunks in layout:
+            for r in range(cp):
+                for k in (r, 2 * cp - 1 - r):
+                    c0, size = chunks[k]
+                    slots[r].extend(range(start + c0, start + c0 + size))
+        if max(len(x) for x in slots) > n:  # cannot happen: ranks are within one token of ceil(real / cp)
+            raise AssertionError(f"context-parallel split overflow: {[len(x) for x in slots]} > {n}")
+        pad = list(range(cu[-1], s))
+        for r in range(cp):
+            need = n - len(slots[r])
+            take, pad = pad[:need], pad[need:]
+            slots[r].extend(take + [-1] * (need - len(take)))
+        source = torch.tensor([x for r in range(cp) for x in slots[r]], dtype=torch.long)
+        # slot of every original position
+        where = torch.full((s,), -1, dtype=torch.long)
+        real = source >= 0
+        where[source[real]] = torch.arange(cp * n)[real]
+        blocks: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(cp)]
+        for start, chunks in layout:
+            for r in range(cp):
+                for k in (r, 2 * cp - 1 - r):
+                    c0, size = chunks[k]
+                    if size == 0:
+                        continue
+                    q_slot = int(where[start + c0])
+                    keys = where[start: start + c0 + size].tolist()
+                    blocks[r].append((q_slot - r * n, size, keys))
+        for r in range(cp):
+            covered = sum(size for _, size, _ in blocks[r])
+            for j in range(covered, n):
+                blocks[r].append((j, 1, [r * n + j]))
+        return cls(s=s, cp=cp, n=n, source=source, blocks=blocks, chunks=layout)
+
+    @property
+    def length(self) -> int:
+        return self.cp * self.n
+
+    def local_source(self, rank: int) -> torch.Tensor:
+        return self.source[rank * self.n:(rank + 1) * self.n]
+
+    def take(self, t: torch.Tensor, rank: int, *, dim: int, fill) -> torch.Tensor:
+        """Rank `rank`'s slice of a full-row tensor `t` (the row along `dim`); added padding slots get `fill`."""
+        src = self.local_source(rank).to(t.device)
+        out = t.index_select(dim, src.clamp_min(0))
+        if bool((src < 0).any()):
+            shape = [1] * t.dim()
+            shape[dim] = src.numel()
+            out = out.masked_fill((src < 0).view(shape), fill)
+        return out
+
+    def unsplit(self, split_row: torch.Tensor, *, dim: int) -> torch.Tensor:
+        """The split row (all ranks' slices in rank order along `dim`) back in original order: [.., s, ..]."""
+        where = torch.full((self.s,), -1, dtype=torch.long)
+        real = self.source >= 0
+        where[self.source[real]] = torch.arange(self.length)[real]
+        return split_row.index_select(dim, where.to(split_row.device))
+
+    def attention(self, rank: int, group, device=None) -> "ContextParallelAttention":
+        key = (rank, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = ContextParallelAttention.from_blocks(self.blocks[rank], self.n, group, device)
+        return self._device_cache[key]
+
+
+def local_token_count(labels: torch.Tensor, cu_seqlens, cp: int, rank: int, ignore_index: int = -100) -> int:
+    """Loss tokens (labels != ignore_index) of a packed row [1, s] that CP rank `rank` holds."""
+    split = RowSplit.build(cu_seqlens, labels.shape[-1], cp)
+    src = split.local_source(rank)
+    src = src[src >= 0]
+    return int((labels.reshape(-1).cpu()[src] != ignore_index).sum())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Collectives
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class AllGatherKV(torch.autograd.Function):
+    """All-gather along dim 0 over `group` (rank order); backward: reduce-scatter of the gradient (sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        world = dist.get_world_size(group)
+        t = t.contiguous()
+        out = t.new_empty((world * t.shape[0], *t.shape[1:]))
+        dist.all_gather_into_tensor(out, t, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        world = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
+
+
+class GatherRow(torch.autograd.Function):
+    """All-gather along dim 0 over `group` for a result every rank then uses whole (e.g. inference logits);
+    backward: each rank keeps the gradient of its own slice (the one copy of the loss' gradient)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group):
+        import torch.distributed as dist
+
+        ctx.rank, ctx.n = dist.get_rank(group), t.shape[0]
+        return AllGatherKV.forward(ctx, t, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention over a split row
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ContextParallelAttention:
+    """This rank's attention over a split row; travels where megatron passes the attention mask (see
+    attention.SDPAttention, which calls `attend`).
+
+    `key_rows` [K]: the slots of the gathered split row each block's keys come from, blocks concatenated;
+    `groups`: (query length, key length, number of blocks, query rows [m*ql], packed key rows [m*kl]) of blocks
+    with the same lengths, each one batched SDPA call with a bottom-right causal mask."""
+
+    n: int
+    group: object
+    key_rows: torch.Tensor
+    groups: list
+    masks: dict
+
+    @classmethod
+    def from_blocks(cls, blocks, n: int, group, device=None) -> "ContextParallelAttention":
+        key_rows, by_len, offset = [], {}, 0
+        for q0, ql, keys in blocks:
+            by_len.setdefault((ql, len(keys)), []).append((q0, offset))
+            key_rows.extend(keys)
+            offset += len(keys)
+        groups, masks = [], {}
+        for (ql, kl), items in by_len.items():
+            q_rows = torch.tensor([q0 for q0, _ in items])[:, None] + torch.arange(ql)
+            k_rows = torch.tensor([k0 for _, k0 in items])[:, None] + torch.arange(kl)
+            groups.append((ql, kl, len(items), q_rows.reshape(-1).to(device), k_rows.reshape(-1).to(device)))
+            if ql > 1:  # query i sees keys j <= kl - ql + i (one query seeing only its own key needs no mask)
+                masks[(ql, kl)] = (torch.arange(kl)[None, :] <= (kl - ql) + torch.arange(ql)[:, None]).to(device)
+        return cls(n, group, torch.tensor(key_rows, dtype=torch.long, device=device), groups, masks)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """q [n, hq, d], k/v [n, hkv, d] of this rank's slice -> [n, hq, d]."""
+        import torch.nn.functional as F
+
+        if q.shape[0] != self.n:
+            raise ValueError(f"context-parallel attention over {self.n} local tokens got {q.shape[0]}")
+        hkv = k.shape[1]
+        kv = AllGatherKV.apply(torch.cat((k, v), dim=1), self.group)  # one collective for both
+        return self.attend_gathered(q, kv[:, :hkv], kv[:, hkv:], scale)
+
+    def attend_gathered(self, q: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
+        """q [n, hq, d] of this rank's slice over k/v [cp*n, hkv, d] of the whole split row -> [n, hq, d]."""
+        import torch.nn.functional as F
+
+        rows = self.key_rows.to(k_row.device)
+        k_all, v_all = k_row.index_select(0, rows), v_row.index_select(0, rows)
+        out = q.new_empty(q.shape)
+        for ql, kl, m, q_rows, k_rows in self.groups:
+            q_rows, k_rows = q_rows.to(q.device), k_rows.to(q.device)
+
+            def blocks(t, rows, length):  # [m*length, h, d] -> [m, h, length, d]
+                return t.index_select(0, rows).view(m, length, t.shape[1], t.shape[2]).transpose(1, 2)
+
+            mask = self.masks.get((ql, kl))
+            o = F.scaled_dot_product_attention(
+                blocks(q, q_rows, ql), blocks(k_all, k_rows, kl), blocks(v_all, k_rows, kl),
+                attn_mask=None if mask is None else mask.to(q.device), scale=scale, enable_gqa=True)
+            out = out.index_copy(0, q_rows, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
+        return out

@@ -52,16 +52,31 @@ def _barrier() -> None:
 
 
 def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtype: torch.dtype,
-                    keep: int | None = None, kind: str = "training", info: dict | None = None) -> str:
+                    keep: int | None = None, kind: str = "training", info: dict | None = None,
+                    files: dict[str, str] | None = None) -> str:
     """Save `state`, a megatron sharded state dict holding at least the model's (model_io.model_sharded_state_dict;
     plus optimizer and other sharded state, and plain objects saved once), as `<save_root>/step_<step>`; `hf_dir`
     gives the config and processor files the checkpoint carries; `kind` and `info` (extra keys) go into its
-    qwenvl_mcore.json. Returns the checkpoint path. The directory
-    appears, and `latest` moves, only once everything is written; `latest` never names a missing directory.
+    qwenvl_mcore.json; `files` (name -> text) are written into it by rank 0. Returns the checkpoint path. The
+    directory appears, and `latest` moves, only once everything is written; `latest` never names a missing directory.
     A failed save (a full disk: ENOSPC) removes its partial directory and raises CheckpointError on every rank."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
+    final, staging = _begin(save_root, step)
+    error = None
+    try:
+        write_results.use_in_process_queue()
+        dist_checkpointing.save(state, staging)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        error = e
+    _finish(error, save_root, staging, final, step=step, hf_dir=hf_dir, dtype=dtype, keep=keep, kind=kind,
+            info=info, files=files)
+    return final
+
+
+def _begin(save_root: str, step: int) -> tuple[str, str]:
+    """(final, staging) paths of step `step`'s save, with an empty staging directory made by rank 0. Collective."""
     final = os.path.join(save_root, step_dir_name(step))
     staging = model_io.staging_dir_for(final)
     error = None
@@ -71,26 +86,145 @@ def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtyp
             model_io.prepare_output(final, overwrite=True, mark=False)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
-    if _agreed_error(error, staging, save_root) is None:
-        try:
-            write_results.use_in_process_queue()
-            dist_checkpointing.save(state, staging)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-            error = e
-        _barrier()  # every rank has written (or failed) before rank 0 publishes or removes the directory
-        if _is_rank0() and error is None:
-            try:
-                model_io.write_info(staging, kind=kind, dtype=dtype, step=step, **(info or {}))
-                model_io.copy_hf_side_files(hf_dir, os.path.join(staging, model_io.HF_SUBDIR))
-                _publish(save_root, staging, final)
-                if keep is not None:
-                    prune(save_root, keep)
-            except Exception as e:  # noqa: BLE001 - reported to every rank below
-                error = e
     message = _agreed_error(error, staging, save_root)
     if message is not None:
         raise model_io.CheckpointError(message)
-    return final
+    return final, staging
+
+
+def _finish(error: BaseException | None, save_root: str, staging: str, final: str, *, step: int, hf_dir: str,
+            dtype: torch.dtype, keep: int | None, kind: str, info: dict | None, files: dict[str, str] | None) -> None:
+    """After every rank's write (`error`: this rank's failure, or None): rank 0 completes the staging directory and
+    publishes it (rename, `latest`, keep-last-K), or every rank raises the first failure and rank 0 removes the
+    partial directory. Collective."""
+    _barrier()  # every rank has written (or failed) before rank 0 publishes or removes the directory
+    if _is_rank0() and error is None:
+        try:
+            model_io.write_info(staging, kind=kind, dtype=dtype, step=step, **(info or {}))
+            model_io.copy_hf_side_files(hf_dir, os.path.join(staging, model_io.HF_SUBDIR))
+            for name, text in (files or {}).items():
+                with open(os.path.join(staging, name), "w") as f:
+                    f.write(text)
+            _publish(save_root, staging, final)
+            if keep is not None:
+                prune(save_root, keep)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = e
+    message = _agreed_error(error, staging, save_root)
+    if message is not None:
+        raise model_io.CheckpointError(message)
+
+
+# The test hook of asynchronous saves: with this set to a directory, each save's writer process first creates
+# `writing_<step>_<rank>` there, then waits for `release_<step>` or `release_all` to appear (tests/multirank/
+# test_async_save.py holds a write in flight with it, to signal or kill the run mid-write).
+HOLD_ENV = "QW_TEST_ASYNC_SAVE_HOLD"
+
+
+class AsyncSaver:
+    """checkpoint.async_save=true: megatron's asynchronous dist-checkpoint save (AsyncCallsQueue with its
+    TemporalAsyncCaller: the save is planned on every rank, then one forked process per rank writes its files
+    while training goes on; the fork is the snapshot, so later steps cannot change what is written). Finalization
+    (torch's .metadata, megatron's metadata.json, then our qwenvl_mcore.json, hf/, `files`, the rename and `latest`)
+    runs in the trainer once the write is over on every rank: `latest` never names a partial checkpoint, and a
+    process killed mid-write leaves only `.step_N.incomplete`, which the next start removes.
+
+    At most one save is in flight: `save` first waits for the previous one. Every method is collective; call
+    `poll` at the same point of every step on every rank, `wait` before exiting, `abort` on the way out of a failure.
+    The writer's results come back through a file (write_results.use_file_queue), never a Manager process."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._calls = AsyncCallsQueue(persistent=False)
+        self._pending: dict | None = None  # the save in flight: its paths, step, and published path once final
+
+    @property
+    def pending(self) -> str | None:
+        """The step directory being written, or None."""
+        return None if self._pending is None else self._pending["final"]
+
+    def save(self, save_root: str, step: int, state: dict, *, hf_dir: str, dtype: torch.dtype,
+             keep: int | None = None, kind: str = "training", info: dict | None = None,
+             files: dict[str, str] | None = None) -> str:
+        """Start saving `state` as `<save_root>/step_<step>` (arguments as `save_checkpoint`); returns the path it
+        will have. A failure to plan raises CheckpointError at once on every rank; a failure to write, when the
+        save is finalized (`poll`, `wait`, the next `save`)."""
+        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        self.wait()
+        final, staging = _begin(save_root, step)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        error = request = None
+        try:
+            write_results.use_file_queue(os.path.join(staging, f".write_results.rank{rank}"))
+            request = dist_checkpointing.save(state, staging, async_sharded_save=True, async_strategy="mcore")
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+            error = e
+        message = _agreed_error(error, staging, save_root)
+        if message is not None:
+            raise model_io.CheckpointError(message)
+        finalizers = list(request.finalize_fns)
+
+        def finalize() -> None:
+            error = None
+            try:
+                for fn in finalizers:  # torch's .metadata and megatron's metadata.json: collective, errors on all ranks
+                    fn()
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported to every rank by _finish
+                error = e
+            self._pending = None
+            _finish(error, save_root, staging, final, step=step, hf_dir=hf_dir, dtype=dtype, keep=keep, kind=kind,
+                    info=info, files=files)
+
+        write = request.async_fn
+        request = request._replace(async_fn=None if write is None else _writer(write, step), finalize_fns=[finalize])
+        self._pending = {"final": final, "staging": staging, "save_root": save_root}
+        self._calls.schedule_async_request(request)
+        return final
+
+    def poll(self) -> None:
+        """Finalize the save in flight if every rank has written it; otherwise return at once. Collective (one
+        small all-reduce) while a save is in flight, nothing otherwise."""
+        if self._pending is not None:
+            self._calls.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Wait for the save in flight to be written on every rank, and finalize it. Collective."""
+        if self._pending is not None:
+            self._calls.maybe_finalize_async_calls(blocking=True)
+
+    def abort(self) -> None:
+        """On the way out of a failure (not collective): end this rank's writer, publish nothing; rank 0 removes the
+        staging directory (the next start would remove it anyway)."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        for call in self._calls.async_calls:
+            call.async_caller.close(abort=True)
+        self._calls.async_calls.clear()
+        if _is_rank0():
+            model_io.discard_output(pending["staging"])
+
+
+def _writer(write, step: int):
+    """The writer process's function: one intra-op thread (a forked child must not reuse the trainer's OpenMP pool),
+    the test hook (HOLD_ENV), then megatron's writer."""
+
+    def run(*args, **kwargs):
+        torch.set_num_threads(1)
+        hold = os.environ.get(HOLD_ENV)
+        if hold:
+            import time
+
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            open(os.path.join(hold, f"writing_{step}_{rank}"), "w").close()
+            while not any(os.path.exists(os.path.join(hold, n)) for n in (f"release_{step}", "release_all")):
+                time.sleep(0.05)
+        write(*args, **kwargs)
+
+    return run
 
 
 def _agreed_error(error: BaseException | None, staging: str, save_root: str) -> str | None:

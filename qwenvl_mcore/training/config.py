@@ -99,6 +99,7 @@ class CheckpointConf:
     keep: int = 3  # newest step directories kept
     resume: bool = True  # continue from dir/latest when it exists
     fallback: bool = False  # latest damaged (truncated, garbage, refused): resume from the newest intact checkpoint
+    async_save: bool = False  # periodic saves written by a forked process as training goes on (checkpoint/manager.py)
 
 
 @dataclass

@@ -371,7 +371,9 @@ def _sharded_training_state(run: Run, *, is_loading: bool, with_rng: bool) -> di
     return state
 
 
-def save_training_checkpoint(run: Run) -> str:
+def save_training_checkpoint(run: Run, saver: manager.AsyncSaver | None = None) -> str:
+    """Save the run's state as checkpoint.dir/step_<step>. With `saver` (checkpoint.async_save=true) the save is
+    only started: `latest` moves when saver.poll/wait finalizes it, once every rank has written it."""
     allocate_optimizer_state(run.optimizer)  # before the first good step torch's Adam has no state to save
     state = _sharded_training_state(run, is_loading=False, with_rng=True)
     state["training"] = {
@@ -383,13 +385,10 @@ def save_training_checkpoint(run: Run) -> str:
     if run.lora_base is not None:
         state["training"]["lora"] = lora_training.checkpoint_record(lora_training.lora_config(run.cfg), run.lora_base)
         kind, info = lora_training.KIND, {"base": run.lora_base}
-    path = manager.save_checkpoint(run.cfg.checkpoint.dir, run.state.step, state, hf_dir=run.hf_dir,
-                                   dtype=DTYPES[run.cfg.model.dtype], keep=run.cfg.checkpoint.keep, kind=kind,
-                                   info=info)
-    if dist.get_rank() == 0:
-        with open(os.path.join(path, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(run.cfg, resolve=True))
-    return path
+    save = saver.save if saver is not None else manager.save_checkpoint
+    return save(run.cfg.checkpoint.dir, run.state.step, state, hf_dir=run.hf_dir, dtype=DTYPES[run.cfg.model.dtype],
+                keep=run.cfg.checkpoint.keep, kind=kind, info=info,
+                files={"config.yaml": OmegaConf.to_yaml(run.cfg, resolve=True)})
 
 
 def load_training_checkpoint(run: Run, ckpt: str) -> None:
@@ -555,9 +554,11 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                   f"(trainer.steps={cfg.trainer.steps}); nothing to do. Raise trainer.steps to train further.",
                   flush=True)
         return COMPLETED
-    steps = writer = None
+    steps = writer = saver = None
+    finished = False
     try:  # every way out releases the run's lock and closes the loader (its workers ignore SIGTERM: data/pipeline.py)
         run = build_run(cfg, start)
+        saver = manager.AsyncSaver() if cfg.checkpoint.async_save else None
         train_ds, valid_ds = build_datasets(run)
         train_ds, valid_ds = train_dataset or train_ds, valid_dataset or valid_ds
         micro_per_rank = data_parallel_microbatches(cfg, parallel_state.get_data_parallel_world_size())
@@ -594,12 +595,17 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                 result = evaluate(run, valid_ds)
                 if writer:
                     writer.log(step, result, kind="valid")
+            if saver is not None:
+                saver.poll()  # publishes the save in flight once every rank has written it
             if stop.agreed():
                 status = PREEMPTED
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.trainer.steps:
-                save_training_checkpoint(run)
+                save_training_checkpoint(run, saver)
+        if saver is not None:
+            saver.wait()  # a stop, too, lets the write in flight finish and publishes it before the last save
         path = save_training_checkpoint(run)
+        finished = True
         if writer:
             writer.message({COMPLETED: f"[train] done at step {run.state.step}; checkpoint {path}",
                             PREEMPTED: f"[train] stopped by signal at step {run.state.step}; checkpoint {path}; "
@@ -609,6 +615,8 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                                        "holds the last good weights. Check the data of those steps "
                                        "(logging.sample_ids=true lists them) or lower optim.lr."}[status])
     finally:
+        if saver is not None and not finished:
+            saver.abort()  # a failure on the way: the write in flight is never published
         if steps is not None:
             steps.close()
         stop.restore()

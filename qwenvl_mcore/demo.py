@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
 
     library_noise.install()  # the tiny model's build loads megatron: its known notices stay off the console
     from qwenvl_mcore.data.sample_data import write_sample_dataset
-    from qwenvl_mcore.testing import tiny
+    from qwenvl_mcore.models.qwen3_vl_moe.debug_checkpoint import save_tiny_hf_checkpoint
 
     t0 = time.time()
     out = Path(opts.out).resolve()
     claim_output(out)
-    hf = tiny.save_tiny_hf_checkpoint(out / "hf", seed=0)
+    hf = save_tiny_hf_checkpoint(out / "hf", seed=0)
     manifest = write_sample_dataset(out / "data", num_samples=opts.samples, seed=0)
     files = [str(out / "data" / f) for f in manifest["files"]]
     print(f"[demo] tiny Qwen3-VL MoE in HF format: {hf}; {manifest['num_records']['total']} conversations in "

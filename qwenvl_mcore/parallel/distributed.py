@@ -31,7 +31,7 @@ def single_rank_environment() -> bool:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from qwenvl_mcore.parallel.spawn import free_port
+        from qwenvl_mcore.parallel.ports import free_port
 
         os.environ["MASTER_PORT"] = str(free_port(os.environ["MASTER_ADDR"]))
     return True

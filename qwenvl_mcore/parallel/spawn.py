@@ -13,7 +13,6 @@ import contextlib
 import os
 import pickle
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -24,15 +23,9 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 from qwenvl_mcore.lifetime import die_with_parent
+from qwenvl_mcore.parallel.ports import free_port
 
 SIGTERM_EXIT_CODE = 143
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the caller's store binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, parent_pid: int, fn: Callable, args: tuple,

@@ -7,7 +7,9 @@ Notation (one rank): tp, pp, vpp, ep, etp from the layout; DP = world / (tp*pp) 
 (megatron's data-parallel and expert-data-parallel group sizes); h hidden, q = heads*head_dim, g = kv_heads*head_dim,
 E experts, k = top-k, F = moe_intermediate_size, V vocabulary, L layers; s tokens of one micro-batch (a packed
 sequence, or micro_batch_size x seq_length without packing), s_t = s / tp (sequence parallelism); B bytes per
-activation element (2 for bf16, 4 for fp32). Everything is in bytes unless a name says GiB.
+activation element (2 for bf16, 4 for fp32). Everything is in bytes unless a name says GiB. A pipeline rank's
+layers are `ParallelLayout.stage_layers`' (L / pp on even stages; uneven stages give the first and last their own
+counts), so every stage is planned on its own and the plan reports the worst.
 
 What is counted, and why (the code it follows):
 - weights: the parameter tensors this rank's model chunks hold, enumerated the way `models/qwen3_vl_moe` builds them
@@ -152,14 +154,14 @@ def chunk_params(args, layout, *, first: bool, last: bool, layers: int, lora=Non
 
 def stage_chunks(args, layout, pp_rank: int, lora=None) -> list[list[ParamTensor]]:
     """The model chunks of pipeline rank `pp_rank`: vpp chunks (one without interleaving); chunk c is virtual
-    stage c*pp + pp_rank and holds L / (pp*vpp) layers; virtual stage 0 is first, pp*vpp - 1 last."""
+    stage c*pp + pp_rank and holds the layers `ParallelLayout.stage_layers` gives it (L / (pp*vpp) on even stages;
+    uneven stages: parallel.first_stage_layers / last_stage_layers); virtual stage 0 is first, pp*vpp - 1 last."""
     vpp = layout.vpp or 1
     stages = layout.pp * vpp
-    layers = args.text.num_hidden_layers // stages
     chunks = []
-    for c in range(vpp):
+    for c, layers in enumerate(layout.rank_layers(args.text.num_hidden_layers, pp_rank)):
         virtual = c * layout.pp + pp_rank
-        chunks.append(chunk_params(args, layout, first=virtual == 0, last=virtual == stages - 1, layers=layers,
+        chunks.append(chunk_params(args, layout, first=virtual == 0, last=virtual == stages - 1, layers=len(layers),
                                    lora=lora))
     return chunks
 
@@ -429,6 +431,7 @@ def from_config(cfg, *, world_size: int | None = None, image_share: float = 0.25
     """The RunShape of a composed config (`training.config.compose`). The world size: given, else from the run
     name (`1x8xh100` = 8 GPUs), else the smallest the layout runs on, lcm(tp*pp*cp, ep*etp*pp)."""
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config
+    from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
     from qwenvl_mcore.training.config import layout_of
 
     if adam not in ADAM_KINDS:
@@ -440,7 +443,7 @@ def from_config(cfg, *, world_size: int | None = None, image_share: float = 0.25
     if world_size is None:
         world_size = world_size_from_name(cfg.trainer.name) or math.lcm(
             layout.model_parallel_size, layout.ep * layout.etp * layout.pp)
-    layout.validate(world_size=world_size, model=args)
+    validate_layout(args, layout, world_size)
     dp = layout.data_parallel_size(world_size)
     per_step = cfg.data.micro_batch_size * dp
     microbatches = max(1, cfg.data.global_batch_size // per_step)
@@ -471,7 +474,7 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
     last = pp_rank == layout.pp - 1
     act_bytes = run.param_bytes
     flight = in_flight_microbatches(layout.pp, layout.vpp, pp_rank, run.microbatches)
-    layers = args.text.num_hidden_layers // layout.pp
+    layers = sum(len(c) for c in layout.rank_layers(args.text.num_hidden_layers, pp_rank))  # every chunk's
     out = dict(state)
     out["activations"] = llm_activation_bytes(args, layout, tokens, act_bytes, recompute=run.recompute,
                                               layers=layers, first=first, last=last, in_flight=flight,
@@ -585,7 +588,8 @@ def _gib(n: float) -> str:
 def describe(p: Plan) -> str:
     lay = p.layout
     parts = [f"tp{lay['tp']}", f"pp{lay['pp']}"] + ([f"vpp{lay['vpp']}"] if lay.get("vpp") else []) + [
-        f"ep{lay['ep']}", f"etp{lay['etp']}"] + (["sp"] if lay["sequence_parallel"] else [])
+        f"ep{lay['ep']}", f"etp{lay['etp']}"] + (["sp"] if lay["sequence_parallel"] else []) + [
+        f"{n.split('_')[0]} stage {lay[n]} layers" for n in ("first_stage_layers", "last_stage_layers") if lay.get(n)]
     batch = (f"packed {p.seq_length} tokens" if p.packing else f"micro_batch_size {p.micro_batch_size} x {p.seq_length}")
     frozen = f", frozen {'+'.join(p.frozen)}" if p.frozen else ""
     if p.lora:

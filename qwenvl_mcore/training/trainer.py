@@ -38,6 +38,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.config import (
     load_hf_config,
     released_config_dict,
 )
+from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
 from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks, parameter_part
 from qwenvl_mcore.parallel.distributed import init_distributed
 from qwenvl_mcore.training import metrics as metrics_lib
@@ -315,7 +316,7 @@ def build_run(cfg: DictConfig, start: RunStart) -> Run:
     """Everything the run needs (start_run has started the process group and chosen the checkpoint)."""
     layout = layout_of(cfg)
     args, source_hf_dir, init_ckpt = model_source(cfg)
-    layout.validate(world_size=dist.get_world_size(), model=args)
+    validate_layout(args, layout, dist.get_world_size())
     hf_dir = _prepare_hf_dir(cfg, args, source_hf_dir)
     processor = _load_processor(cfg, hf_dir)
     if cfg.optim.cpu_offload and not torch.cuda.is_available():

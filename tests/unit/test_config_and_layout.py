@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError, args_from_hf_config, flavor_hf_config
+from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
 from qwenvl_mcore.parallel import LayoutError, ParallelLayout
 
 
@@ -109,7 +110,7 @@ def test_impossible_layouts_fail_naming_field_and_fix(layout, world, needle):
     """An impossible layout fails before anything is built, with a message naming the field and the fix."""
     args = args_from_hf_config(flavor_hf_config("qwen3_vl_30b_a3b"))
     with pytest.raises(LayoutError, match=needle):
-        layout.validate(world_size=world, model=args)
+        validate_layout(args, layout, world)
 
 
 def test_valid_real_layouts_pass():
@@ -117,7 +118,7 @@ def test_valid_real_layouts_pass():
     args = args_from_hf_config(flavor_hf_config("qwen3_vl_30b_a3b"))
     for layout, world in ((ParallelLayout(tp=2, ep=8, sequence_parallel=True), 16), (ParallelLayout(pp=2, ep=8), 16),
                           (ParallelLayout(ep=8, etp=1), 8), (ParallelLayout(tp=4, pp=4, ep=8, sequence_parallel=True), 64)):
-        layout.validate(world_size=world, model=args)
+        validate_layout(args, layout, world)
 
 
 @pytest.mark.parametrize("mutate, needle", [

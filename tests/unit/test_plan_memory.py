@@ -252,7 +252,9 @@ def test_lora_sharding_follows_the_real_adapters(measured, layout):
     cfg = compose(list(STATE_CASES[LORA_CASE]))
     run = memory.from_config(cfg, world_size=1)
     args = run.args
-    lay.validate(model=args)
+    from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
+
+    validate_layout(args, lay)
 
     def local(r) -> int:
         shape = list(r["shape"])
@@ -304,12 +306,13 @@ def _shard_rank(rank, world, layouts):
 
 
 SHARD_LAYOUTS = (dict(tp=2, ep=2, sequence_parallel=True), dict(pp=2),
-                 dict(tp=2, ep=2, sequence_parallel=True, lora=True), dict(pp=2, lora=True))
+                 dict(tp=2, ep=2, sequence_parallel=True, lora=True), dict(pp=2, lora=True),
+                 dict(pp=2, first_stage_layers=3))  # uneven stages: 3 + 1 of the 4 layers
 
 
 def test_planned_shards_equal_the_real_model():
-    """Every rank of a TP2 x EP2 (SP) and of a PP2 layout holds exactly the elements the planner enumerates for
-    its stage: dense language, vision, merger and expert parameters (two ranks, the tiny model on the meta device);
+    """Every rank of a TP2 x EP2 (SP), of a PP2 and of an uneven PP2 (3 + 1 layers) layout holds exactly the
+    elements the planner enumerates for its stage: dense language, vision, merger and expert parameters (two ranks, the tiny model on the meta device);
     with LoRA (apply_lora, conf/peft/lora.yaml's adapters) the adapters' elements per part and expert too."""
     from qwenvl_mcore.lora.config import LoRAConfig
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config
@@ -340,6 +343,35 @@ def test_released_totals_are_enumerated_exactly():
     for flavor, total in (("qwen3_vl_30b_a3b", 31_070_754_032), ("qwen3_vl_235b_a22b", 235_670_022_896)):
         args = args_from_hf_config(flavor_hf_config(flavor))
         assert sum(p.numel for c in memory.stage_chunks(args, ParallelLayout(), 0) for p in c) == total
+
+
+def test_uneven_stages_are_planned_stage_by_stage():
+    """235B-A22B at TP4 x PP4 x EP32 with parallel.first_stage_layers=22 (22/24/24/24 layers; 94 do not split
+    evenly over 4): each stage's chunks hold its own layer count (the first one the ViT and embedding too, the last
+    the LM head), the plan reports all four stages, and the first stage's LLM memory is 22/24 of a middle one's."""
+    overrides = ["experiment=sft_235b_a22b_8x8xh100", "parallel.pp=4", "parallel.first_stage_layers=22"]
+    run = memory.from_config(compose(overrides), world_size=128)
+    layers = {r: sum(1 for c in memory.stage_chunks(run.args, run.layout, r) for p in c if p.name == "router")
+              for r in range(4)}
+    assert layers == {0: 22, 1: 24, 2: 24, 3: 24}
+    names = [{p.name for c in memory.stage_chunks(run.args, run.layout, r) for p in c} for r in range(4)]
+    assert "embedding" in names[0] and not any("embedding" in n for n in names[1:])
+    assert "output_layer" in names[3] and not any("output_layer" in n for n in names[:3])
+    planned = memory.plan(run)
+    assert len(planned.stages) == 4
+    stage = [memory.stage_memory(run, r) for r in range(4)]
+    assert stage == planned.stages
+    # experts (the bulk of the weights) scale with the layers: stage 0 holds 22/24 of stage 1's expert elements
+    experts = [sum(p.numel for c in memory.stage_chunks(run.args, run.layout, r) for p in c if p.expert)
+               for r in range(4)]
+    assert experts[1] == experts[2] == experts[3] and experts[0] * 24 == experts[1] * 22
+    assert stage[1]["weights"] == stage[2]["weights"] and stage[0]["weights"] != stage[1]["weights"]
+    assert "first stage 22 layers" in memory.describe(planned)
+    # the same run on even stages is refused naming the fields
+    from qwenvl_mcore.parallel import LayoutError
+
+    with pytest.raises(LayoutError, match="parallel.first_stage_layers"):
+        memory.from_config(compose(overrides[:2]), world_size=128)
 
 
 # -- formulas ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config
+from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
 from qwenvl_mcore.training import metrics
 from qwenvl_mcore.training.config import CONF_DIR, ConfigError, compose, layout_of
 
@@ -28,7 +29,7 @@ def test_experiment_composes_and_its_layout_fits_the_model(name):
     cfg = compose([f"experiment={name}"])
     assert cfg.trainer.name == name  # one file = one run, named for it
     args = args_from_hf_config(flavor_hf_config(cfg.model.flavor))
-    layout_of(cfg).validate(model=args)
+    validate_layout(args, layout_of(cfg))
     if name.startswith("sft_30b"):
         assert args.text.num_hidden_layers == 48 and args.text.num_experts == 128
     if name.startswith(("sft_235b", "lora_235b")):
@@ -36,7 +37,7 @@ def test_experiment_composes_and_its_layout_fits_the_model(name):
     if name.startswith("lora_"):  # a frozen base in bf16 and adapters (conf/peft/lora.yaml), on the named GPUs
         assert cfg.peft.method == "lora" and cfg.model.init_from and cfg.model.dtype == "bf16"
         gpus = {"lora_235b_a22b_1x8xh100": 8, "lora_30b_a3b_1x4xh100": 4}[name]
-        layout_of(cfg).validate(world_size=gpus, model=args)
+        validate_layout(args, layout_of(cfg), gpus)
 
 
 @pytest.mark.parametrize("override, names", [

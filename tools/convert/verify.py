@@ -2,7 +2,7 @@
 """Check our megatron model against transformers on an HF Qwen3-VL MoE checkpoint, at a chosen parallel layout.
 
     python tools/convert/verify.py --hf DIR [--mcore DIR] [--adapter DIR] [--tp N --ep N --etp N --pp N]
-                                   [--dtype fp32|bf16]
+                                   [--first-stage-layers N] [--last-stage-layers N] [--dtype fp32|bf16]
 
 Starts its own ranks (gloo on the CPU, one process per rank), runs transformers on --hf and our model on the same
 weights (read from --hf, or from the megatron checkpoint --mcore converted from it) and a built-in
@@ -12,6 +12,9 @@ logit_cosine and top1_agreement (plus the loss difference and the layout).
 --adapter DIR adds an HF PEFT LoRA adapter (mcore2hf --adapter-only writes one) to both: transformers through
 peft.PeftModel.from_pretrained (the reference; this tool needs peft then), ours through apply_lora and the
 adapter's tensors (qwenvl_mcore.lora.peft_io). The adapter must be one for Qwen3-VL MoE (checked first, exit 2).
+
+--first-stage-layers / --last-stage-layers give the first / last pipeline stage their own LLM layer counts (uneven
+stages, as parallel.first_stage_layers / parallel.last_stage_layers); an impossible split exits 2 naming the fix.
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="LLM layers on the first pipeline stage (uneven stages; default: an even share)")
+    p.add_argument("--last-stage-layers", type=int, default=None,
+                   help="LLM layers on the last pipeline stage (uneven stages; default: an even share)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--adapter", help="HF PEFT LoRA adapter directory, applied to both models")
     a = p.parse_args(argv)
@@ -92,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl_mcore.checkpoint.model_io import CheckpointError, read_info, resolve_checkpoint_dir
     from qwenvl_mcore.lora.config import LoRAConfigError
     from qwenvl_mcore.models.qwen3_vl_moe.config import ModelConfigError, args_from_hf_config, load_hf_config
+    from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
     from qwenvl_mcore.parallel import LayoutError, ParallelLayout
     from qwenvl_mcore.testing.dist import run_on_ranks
 
-    layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, sequence_parallel=a.tp > 1)
+    layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, sequence_parallel=a.tp > 1,
+                            first_stage_layers=a.first_stage_layers, last_stage_layers=a.last_stage_layers)
     world = math.lcm(a.tp, a.ep * a.etp) * a.pp
     mcore = None
     try:
-        layout.validate(world_size=world, model=args_from_hf_config(load_hf_config(a.hf)))
+        validate_layout(args_from_hf_config(load_hf_config(a.hf)), layout, world)
         if a.mcore:
             mcore = resolve_checkpoint_dir(a.mcore)
             read_info(mcore)

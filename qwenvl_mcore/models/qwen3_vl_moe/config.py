@@ -308,6 +308,9 @@ def language_transformer_config(args: Qwen3VLMoeArgs, layout, *, dtype: torch.dt
         num_attention_heads=t.num_attention_heads,
         num_query_groups=t.num_key_value_heads,
         kv_channels=t.head_dim,
+        # uneven pipeline stages (ParallelLayout.stage_layers follows megatron's placement of these)
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers if layout.pp > 1 else None,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers if layout.pp > 1 else None,
         normalization="RMSNorm",
         layernorm_epsilon=t.rms_norm_eps,
         qk_layernorm=True,

@@ -25,6 +25,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.language import (
     language_layer_spec,
 )
 from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
+from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
 from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index, packed_position_ids
 from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
@@ -75,7 +76,7 @@ class Qwen3VLMoeModel(MegatronModule):
         config = language_transformer_config(args, layout, dtype=dtype, **config_overrides)
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
-        layout.validate(model=args)
+        validate_layout(args, layout)
         self.args, self.layout = args, layout
         self.vp_stage = vp_stage
         self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)

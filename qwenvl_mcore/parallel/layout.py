@@ -162,8 +162,8 @@ class ParallelLayout:
             if bad:
                 listing = ", ".join(f"rank {r}: {s}" for r, s in bad)
                 raise LayoutError(
-                    f"parallel.vpp={vpp} cuts every pipeline rank's layers into {vpp} virtual stages, but with {fields} "
-                    f"the stages hold {list(sizes)} of {num_layers} LLM layers ({listing} not a multiple of {vpp}): "
+                    f"parallel.vpp={vpp} cuts every pipeline rank's layers into {vpp} virtual stages, but with "
+                    f"{fields} the stages hold {list(sizes)} of {num_layers} LLM layers ({listing} not a multiple of {vpp}): "
                     f"make every stage's count a multiple of {vpp} (parallel.first_stage_layers / "
                     "parallel.last_stage_layers and the even share of the others) or change parallel.vpp."
                 )

@@ -25,7 +25,10 @@ def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_ov
     chunks, ctx = parity.build_pair(hf, layout)
     for c in chunks:
         c.eval()
-    out = {"forward": {}, "rope": {}, "last_stage": parallel_state.is_pipeline_last_stage()}
+    out = {"forward": {}, "rope": {}, "last_stage": parallel_state.is_pipeline_last_stage(),
+           "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+           "num_layers": chunks[0].args.text.num_hidden_layers,
+           "layers": [[layer.layer_number - 1 for layer in c.decoder.layers] for c in chunks]}
     for kind in tiny.SAMPLE_KINDS:
         batch = tiny.sample_inputs(processor, kind)
         out["forward"][kind] = parity.compare_forward(chunks, hf, batch)
@@ -44,6 +47,12 @@ def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_ov
     if packed:
         out["packed"] = packed_checks(chunks, hf, processor)
     return out
+
+
+def parity_checks_in_turn(rank: int, world: int, cases: list[tuple]) -> list[dict]:
+    """parity_checks for each (layout_kwargs, grads, hf_overrides) in turn in one launch (megatron's parallel state
+    started again for each layout): one start-up for several layouts of the same world size."""
+    return [parity_checks(rank, world, *case) for case in cases]
 
 
 def packed_checks(chunks, hf, processor) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from qwenvl_mcore.testing import tiny
 from qwenvl_mcore.testing.dist import run_on_ranks
 
-from _parity_checks import parity_checks
+from _parity_checks import parity_checks, parity_checks_in_turn
 
 LAYOUTS = {
     "tp1_ep1": (1, dict()),
@@ -22,7 +22,13 @@ LAYOUTS = {
     "pp2_tp2_ep2_sp": (4, dict(pp=2, tp=2, ep=2, sequence_parallel=True)),
     # interleaved 1F1B: 8 LLM layers in 4 virtual stages of 2 (DeepStack's two target layers on the first)
     "pp2_vpp2": (2, dict(pp=2, vpp=2), dict(num_hidden_layers=8)),
+    # uneven stages (parallel.first_stage_layers / last_stage_layers), both in one 3-rank launch (SHARED_LAUNCHES):
+    # 2/1/1 of the 4 layers (DeepStack's two target layers on the first stage), and interleaved 4/2/2 of 8 layers
+    # (virtual stages of 2/1/1: chunk 0 of rank 0 holds layers 0-1, the DeepStack targets)
+    "pp3_uneven": (3, dict(pp=3, first_stage_layers=2, last_stage_layers=1)),
+    "pp3_vpp2_uneven": (3, dict(pp=3, vpp=2, first_stage_layers=4, last_stage_layers=2), dict(num_hidden_layers=8)),
 }
+SHARED_LAUNCHES = (("pp3_uneven", "pp3_vpp2_uneven"),)
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
 # Layouts whose launch also runs the packed-row checks (one rank as the reference, TP2xEP2 with SP, and PP2).
 PACKED_LAYOUTS = ("tp1_ep1", "tp2_ep2_sp", "pp2_tp2_ep2_sp")
@@ -31,8 +37,19 @@ PACKED_LAYOUTS = ("tp1_ep1", "tp2_ep2_sp", "pp2_tp2_ep2_sp")
 @functools.cache
 def _launch(name: str):
     world, layout, *hf_overrides = LAYOUTS[name]
+    shared = next((names for names in SHARED_LAUNCHES if name in names), None)
+    if shared:
+        per_rank = _shared_launch(shared)
+        return name, layout, [results[shared.index(name)] for results in per_rank]
     return name, layout, run_on_ranks(parity_checks, world, layout, True, *hf_overrides,
                                       packed=name in PACKED_LAYOUTS)
+
+
+@functools.cache
+def _shared_launch(names: tuple[str, ...]):
+    """One launch running the layouts `names` (same world size, no packed checks) in turn."""
+    (world,) = {LAYOUTS[n][0] for n in names}
+    return run_on_ranks(parity_checks_in_turn, world, [(LAYOUTS[n][1], True, *LAYOUTS[n][2:]) for n in names])
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -54,6 +71,18 @@ def test_logits_and_loss_match_transformers(launch):
             assert r["max_abs_logit_diff"] <= LOGIT_TOL, (name, rank, kind, r)
             assert r["loss_diff"] <= LOSS_TOL, (name, rank, kind, r)
             assert r["top1_agreement"] == 1.0, (name, rank, kind, r)
+
+
+def test_stages_hold_the_layers_the_layout_gives_them(launch):
+    """Each rank's model chunks hold the LLM layers ParallelLayout.rank_layers names (even and uneven stages)."""
+    from qwenvl_mcore.parallel import ParallelLayout
+
+    name, layout, results = launch
+    for result in results:
+        expected = ParallelLayout(**layout).rank_layers(result["num_layers"], result["pp_rank"])
+        assert result["layers"] == [list(r) for r in expected], (name, result["pp_rank"], result["layers"])
+    if ParallelLayout(**layout).uneven:
+        assert len({len(sum(r["layers"], [])) for r in results}) > 1, name  # the stages differ in size
 
 
 def test_mrope_position_ids_equal_transformers(launch):

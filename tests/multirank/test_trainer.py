@@ -1,9 +1,9 @@
 """The trainer through its entry point (`torchrun -m qwenvl_mcore.train`), on the tiny model from one converted
 checkpoint, with 20 synthetic samples of uneven length (so loss tokens differ across ranks and micro-batches):
 
-- parallelism invariance: 10 steps of one global batch (8 samples) at DP4, TP2xEP2 (DP2), PP2xDP2 and ETP2 give the
-  single-rank run's losses within 1e-5 and grad norms within 1e-4 relative, the same load-balancing loss, and that
-  loss equals transformers' formula on the same batch;
+- parallelism invariance: 10 steps of one global batch (8 samples) at DP4, TP2xEP2 (DP2), PP2xDP2, ETP2 and uneven
+  PP3 (2/1/1 layers) give the single-rank run's losses within 1e-5 and grad norms within 1e-4 relative, the same
+  load-balancing loss, and that loss equals transformers' formula on the same batch;
 - overfitting: the loss falls by half in 30 steps at TP2/EP2/SP and at PP2;
 - resume: a run stopped by SIGTERM and started again gives the straight run's losses and final weights bit for bit;
   resumed at another layout (TP2/EP2 -> TP1/EP4, PP2 -> PP1) it stays within 1e-5 and its Adam moments are the saved
@@ -54,6 +54,8 @@ LAYOUTS = {
     "pp2": (4, ["parallel.pp=2"]),
     "etp2": (4, ["parallel.ep=2", "parallel.etp=2"]),
     "tp1_ep4": (4, ["parallel.ep=4"]),
+    # uneven stages: 2/1/1 of the 4 layers (DeepStack's targets on the first), 8 micro-batches through 1F1B
+    "pp3_uneven": (3, ["parallel.pp=3", "parallel.first_stage_layers=2", "parallel.last_stage_layers=1"]),
 }
 
 
@@ -124,7 +126,7 @@ def close(a: list[dict], b: list[dict], *, loss_tol: float, norm_rel: float, aux
 
 
 # -- invariance ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["dp4", "tp2_ep2", "pp2", "etp2"])
+@pytest.mark.parametrize("name", ["dp4", "tp2_ep2", "pp2", "etp2", "pp3_uneven"])
 def test_layouts_give_the_single_rank_run(name):
     ref = straight("single")
     ours = straight(name, STEPS if name in ("tp2_ep2", "pp2") else 10)[:10]

@@ -312,7 +312,8 @@ SHARD_LAYOUTS = (dict(tp=2, ep=2, sequence_parallel=True), dict(pp=2),
 
 def test_planned_shards_equal_the_real_model():
     """Every rank of a TP2 x EP2 (SP), of a PP2 and of an uneven PP2 (3 + 1 layers) layout holds exactly the
-    elements the planner enumerates for its stage: dense language, vision, merger and expert parameters (two ranks, the tiny model on the meta device);
+    elements the planner enumerates for its stage: dense language, vision, merger and expert parameters (two ranks,
+    the tiny model on the meta device);
     with LoRA (apply_lora, conf/peft/lora.yaml's adapters) the adapters' elements per part and expert too."""
     from qwenvl_mcore.lora.config import LoRAConfig
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config

@@ -117,7 +117,8 @@ def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts, *, grouped: bool) ->
         offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
         return _GROUPED_MM(x, w, offs=offs)
     sizes = counts.tolist() if torch.is_tensor(counts) else [int(c) for c in counts]
-    outs = [chunk @ w[e] for e, chunk in enumerate(torch.split(x, sizes))]
+    # unbind, not w[e]: indexing's backward would allocate a zero tensor the size of all of w for every expert
+    outs = [chunk @ w_e for chunk, w_e in zip(torch.split(x, sizes), w.unbind(0))]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 

@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -75,34 +76,42 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=5, help="timed rounds (each runs every variant once)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     device, dtype = torch.device(a.device), DTYPES[a.dtype]
     start_single_process()
-    torch.manual_seed(0)
     args = args_from_hf_config(one_layer_config(a.flavor))
-    model = build_model_chunks(args, ParallelLayout(), dtype=dtype)[0].to(device)
-    g = torch.Generator().manual_seed(0)
-    step = layer_step(model, a.tokens, dtype, device, g)
-    results: dict[str, dict] = {}
-
-    def measure(name: str) -> None:
-        for grouped in (True, False):
-            set_grouped(model, grouped)
-            key = f"{name}/{'grouped' if grouped else 'loop'}"
-            results[key] = time_call(step, device, warmup=a.warmup, iters=a.iters)
-            print(f"{key}: {results[key]['median_s']:.3f} s", flush=True)
-
-    measure("full")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    measure("frozen")
-    adapters = prepare([model], LoRAConfig(method="lora", rank=a.rank, targets=["attention", "experts"]))
+    torch.manual_seed(0)
+    base = build_model_chunks(args, ParallelLayout(), dtype=dtype)[0].to(device)
+    torch.manual_seed(0)
+    lora = build_model_chunks(args, ParallelLayout(), dtype=dtype)[0].to(device)
+    adapters = prepare([lora], LoRAConfig(method="lora", rank=a.rank, targets=["attention", "experts"]))
     for _, param in adapters:  # B off zero, as after a few steps
         torch.nn.init.normal_(param, std=0.01)
     layer_adapters = sum(param.numel() for name, param in adapters if "decoder.layers.0." in name)
-    measure("lora")
+    steps = {"full": layer_step(base, a.tokens, dtype, device, torch.Generator().manual_seed(0)),
+             "lora": layer_step(lora, a.tokens, dtype, device, torch.Generator().manual_seed(0))}
+
+    def run(name: str, grouped: bool) -> float:
+        """One timed forward + backward; `frozen` is the base model with requires_grad off for the call."""
+        model = lora if name == "lora" else base
+        set_grouped(model, grouped)
+        for param in base.parameters():
+            param.requires_grad_(name == "full")
+        return time_call(steps["lora" if name == "lora" else "full"], device, warmup=0, iters=1)["min_s"]
+
+    # Round robin, so that other work on the machine slows every variant alike; the best of each is reported.
+    variants = [(name, grouped) for name in ("full", "frozen", "lora") for grouped in (True, False)]
+    for name, grouped in variants * a.warmup:
+        run(name, grouped)
+    times: dict[str, list[float]] = {f"{n}/{'grouped' if g else 'loop'}": [] for n, g in variants}
+    for i in range(a.iters):
+        for name, grouped in variants:
+            times[f"{name}/{'grouped' if grouped else 'loop'}"].append(run(name, grouped))
+        print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()), flush=True)
+    results = {k: {"median_s": statistics.median(v), "min_s": min(v), "iters": len(v), "all_s": v}
+               for k, v in times.items()}
 
     env = environment(device)
     print(f"\n{a.flavor}, one decoder layer, {a.tokens} tokens, {a.dtype} on {env.get('device', device)}; "

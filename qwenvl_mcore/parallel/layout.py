@@ -114,6 +114,7 @@ class ParallelLayout:
     def stage_sizes(self, num_layers: int) -> tuple[int, ...]:
         """LLM layers held by each pipeline rank (all its virtual stages together), first rank first; LayoutError
         naming the fields and the fix when `num_layers` cannot be split so."""
+        self.validate()  # the fields themselves first (positive counts, pp >= 2 for uneven stages)
         vpp = self.vpp or 1
         if not self.uneven:
             stages = self.pp * vpp
@@ -163,16 +164,18 @@ class ParallelLayout:
                 listing = ", ".join(f"rank {r}: {s}" for r, s in bad)
                 raise LayoutError(
                     f"parallel.vpp={vpp} cuts every pipeline rank's layers into {vpp} virtual stages, but with "
-                    f"{fields} the stages hold {list(sizes)} of {num_layers} LLM layers ({listing} not a multiple of {vpp}): "
-                    f"make every stage's count a multiple of {vpp} (parallel.first_stage_layers / "
+                    f"{fields} the stages hold {list(sizes)} of {num_layers} LLM layers ({listing} not a multiple of "
+                    f"{vpp}): make every stage's count a multiple of {vpp} (parallel.first_stage_layers / "
                     "parallel.last_stage_layers and the even share of the others) or change parallel.vpp."
                 )
         return tuple(sizes)
 
     def stage_layers(self, num_layers: int, pp_rank: int, vp_stage: int | None = None) -> range:
         """The global indexes of the LLM layers that pipeline rank `pp_rank` holds in virtual stage `vp_stage`
-        (all of its layers when `vp_stage` is None). Megatron's placement: virtual stage v of every rank holds
-        1/vpp of that rank's layers, and layers run rank by rank within v, then v + 1."""
+        (None: without parallel.vpp, the rank's only chunk). Megatron's placement: virtual stage v of every rank
+        holds 1/vpp of that rank's layers, and layers run rank by rank within v, then v + 1. Everything that needs a
+        stage's layers asks here (the memory planner; the model's layers are megatron's, placed the same way: a unit
+        test compares the two on every split)."""
         sizes = self.stage_sizes(num_layers)
         if not 0 <= pp_rank < self.pp:
             raise ValueError(f"pp_rank={pp_rank} outside 0..{self.pp - 1}")

@@ -30,7 +30,8 @@ KNOWN: tuple[tuple[str, str | None, str], ...] = (
     (r"torch\.distributed is disabled, unavailable or uninitialized", None,
      "the converters read and write distributed checkpoints in a single process on purpose"),
     (r"MCore's async save is deprecated", None,
-     "megatron's torch_dist save strategy logs this for its default; saves here are synchronous"),
+     "megatron's torch_dist save strategy logs this for its own (mcore) async writer, which synchronous saves and "
+     "checkpoint.async_save use (its successor, nvidia-resiliency-ext, is not installed)"),
     (r"Please use DTensor instead and we are deprecating ShardedTensor|The argument order of load has been changed"
      r"|`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", None,
      "torch deprecations of APIs that megatron-core 0.19 calls internally; nothing to change on our side"),

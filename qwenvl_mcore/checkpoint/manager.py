@@ -209,11 +209,19 @@ class AsyncSaver:
 
 
 def _writer(write, step: int):
-    """The writer process's function: one intra-op thread (a forked child must not reuse the trainer's OpenMP pool),
-    the test hook (HOLD_ENV), then megatron's writer."""
+    """The writer process's function: it dies with its trainer (a writer outliving a killed trainer would hold the
+    run's lock, shared through the fork, and write into a directory the next start removes), uses one intra-op
+    thread (a forked child must not reuse the trainer's OpenMP pool) at a lower CPU priority than training (the
+    trainer's cores are the writer's), honours the test hook (HOLD_ENV), then runs megatron's writer."""
+    trainer_pid = os.getpid()
 
     def run(*args, **kwargs):
+        _die_with_parent(trainer_pid)
         torch.set_num_threads(1)
+        try:
+            os.nice(10)
+        except OSError:
+            pass
         hold = os.environ.get(HOLD_ENV)
         if hold:
             import time
@@ -335,3 +343,18 @@ def prune(save_root: str, keep: int) -> list[str]:
         shutil.rmtree(path)
         removed.append(name)
     return removed + remove_stale_staging(save_root)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); exit at once if it already has."""
+    import ctypes
+    import signal as signals
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signals.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)

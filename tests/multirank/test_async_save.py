@@ -6,8 +6,8 @@ AsyncSaver), on the tiny debug model.
   checkpoint resumed gives the straight run's last steps bit for bit;
 - `python -m qwenvl_mcore.train` in its own session, each write held in flight by the test hook
   (manager.HOLD_ENV): training goes on while a write is held and `latest` stays on the last complete checkpoint;
-  SIGKILL to the whole process group mid-write leaves `latest` there, and the same command started again resumes from
-  it (retracing the killed run's losses bit for bit); SIGTERM to the group mid-write waits for the write (the run
+  SIGKILL to the trainer mid-write takes its writer with it and leaves `latest` there, and the same command started
+  again resumes from it (retracing the killed run's losses bit for bit); SIGTERM to the group mid-write waits for the write (the run
   is still there, `latest` unmoved, until the write is released), then exits 143 with that checkpoint and the stop
   checkpoint complete. The writer process, signalled with the rest of the group, is what must survive a SIGTERM.
 """
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import psutil
 import torch
 
 from qwenvl_mcore.checkpoint import dcp, manager
@@ -107,8 +107,13 @@ def test_sigkill_mid_write_resumes_from_the_last_complete_and_sigterm_waits_for_
     (hold / "release_2").touch()
     wait_for(proc, lambda: latest(run_dir) == "step_0000002")
     wait_for(proc, lambda: (hold / "writing_4_0").exists() and len(steps_logged(run_dir)) >= 5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    trainer = psutil.Process(proc.pid)
+    writers = [c for c in trainer.children(recursive=True) if c.cmdline() == trainer.cmdline()]  # forked, not exec'd
+    assert len(writers) == 1, writers  # the writer of step 4, held
+    proc.kill()  # the trainer alone: its writer must not outlive it (it would hold the run's lock)
     proc.wait(timeout=60)
+    psutil.wait_procs(writers, timeout=30)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in writers)
     killed = steps_logged(run_dir)
     assert latest(run_dir) == "step_0000002" and (run_dir / "checkpoints" / ".step_0000004.incomplete").is_dir()
     assert not (run_dir / "checkpoints" / "step_0000004").exists()

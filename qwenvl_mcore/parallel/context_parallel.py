@@ -42,9 +42,6 @@ import torch
 
 def layout_problem(cp: int) -> str | None:
     """Why a layout with this context-parallel size cannot run, naming the fix; None when it can."""
-    if cp > 1:
-        return (f"parallel.cp={cp}: context parallelism is not supported by this release; set parallel.cp=1 "
-                "(use sequence_parallel with tp for long sequences).")
     return None
 
 
@@ -299,3 +296,74 @@ class ContextParallelAttention:
                 attn_mask=None if mask is None else mask.to(q.device), scale=scale, enable_gqa=True)
             out = out.index_copy(0, q_rows, o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))
         return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What the model takes from here
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def as_packed_row(batch):
+    """A micro-batch the CP split can take: a packed row (cu_seqlens set), or one unpacked row whose real tokens
+    come first (right padding), seen as a packed row of one sample. Anything else is refused, naming the fix."""
+    from dataclasses import replace
+
+    b, s = batch.input_ids.shape
+    if b != 1:
+        raise ValueError(f"context parallelism (parallel.cp > 1) splits one packed row per micro-batch; got a "
+                         f"micro-batch of {b} rows: enable data.packing or use micro-batches of one row.")
+    if batch.cu_seqlens is not None:
+        return batch
+    if batch.attention_mask is None:
+        n = s
+    else:
+        mask = batch.attention_mask.reshape(-1).bool().cpu()
+        n = int(mask.sum())
+        if not bool(mask[:n].all()):
+            raise ValueError("context parallelism needs right padding (real tokens first) in an unpacked row.")
+    if batch.position_ids is not None:
+        raise ValueError("context parallelism computes the position ids of the row itself; pass position_ids=None.")
+    return replace(batch, cu_seqlens=torch.tensor([0, n], dtype=torch.int32))
+
+
+def local_inputs(batch, split: RowSplit, rank: int, *, pad_token_id: int = 0, ignore_index: int = -100):
+    """This rank's slice of the per-token tensors of a full packed row: (input_ids, attention_mask, labels), each
+    [1, n]; added padding slots are padding (attention_mask 0, label ignored)."""
+    ids = split.take(batch.input_ids, rank, dim=1, fill=pad_token_id)
+    mask = split.take(batch.attention_mask, rank, dim=1, fill=0)
+    labels = None if batch.labels is None else split.take(batch.labels, rank, dim=1, fill=ignore_index)
+    return ids, mask, labels
+
+
+def visual_scatter(visual_mask: torch.Tensor, split: RowSplit, rank: int, *, sp_rank: int = 0, sp_size: int = 1,
+                   device=None):
+    """language.VisualScatter of this rank's (and sequence-parallel rank's) slice: where its visual tokens are and
+    which rows of the whole row's visual features (transformers' order) they take."""
+    from qwenvl_mcore.models.qwen3_vl_moe.visual_scatter import VisualScatter
+
+    flat = visual_mask.reshape(-1).bool().cpu()
+    order = torch.cumsum(flat.long(), 0) - 1
+    chunk = split.n // sp_size
+    src = split.local_source(rank)[sp_rank * chunk:(sp_rank + 1) * chunk]
+    visual = (src >= 0) & flat[src.clamp_min(0)]
+    positions = visual.nonzero().squeeze(1)
+    feature_rows = order[src[positions]]
+    device = visual_mask.device if device is None else device
+    return VisualScatter(positions.to(device, non_blocking=True), feature_rows.to(device, non_blocking=True))
+
+
+def gather_row(local: torch.Tensor, split: RowSplit, group, *, dim: int = 0) -> torch.Tensor:
+    """The ranks' slices (along `dim`) gathered over the CP group and put back in original row order ([.., s, ..]);
+    backward: each rank keeps the gradient of its own slice."""
+    moved = local.movedim(dim, 0)
+    full = GatherRow.apply(moved, group)
+    return split.unsplit(full, dim=0).movedim(0, dim)
+
+
+def loss_token_count(batch, cp: int, rank: int, ignore_index: int = -100) -> int:
+    """Loss tokens of `batch` on CP rank `rank` (all of them at cp == 1): what the per-token loss is divided by,
+    summed over DP x CP by megatron's gradient finalization."""
+    if cp == 1:
+        return int((batch.labels != ignore_index).sum())
+    batch = as_packed_row(batch)
+    return local_token_count(batch.labels, batch.cu_seqlens, cp, rank, ignore_index)

@@ -8,10 +8,12 @@ from functools import partial
 from typing import Callable, Sequence
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from qwenvl_mcore.models.qwen3_vl_moe.model import MultimodalInputs
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
+from qwenvl_mcore.parallel import context_parallel
 
 # loss_for(batch) -> loss_func(output) -> (loss_sum, num_tokens, report): megatron's per-token-loss contract.
 LossFor = Callable[[MultimodalInputs], Callable[[torch.Tensor], tuple]]
@@ -28,7 +30,9 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], microbatches: Sequ
     chunks = list(model_chunks)
     config = chunks[0].config
     multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    lengths = {-(-b.input_ids.shape[1] // multiple) * multiple for b in microbatches}  # the model pads to this
+    # the model pads to this (under context parallelism: the length of the split row, see context_parallel.py)
+    lengths = {context_parallel.split_length(b.input_ids.shape[1], config.context_parallel_size, multiple)
+               for b in microbatches}
     if len(lengths) > 1 and config.pipeline_model_parallel_size > 1 and not config.variable_seq_lengths:
         raise ValueError(
             f"micro-batches of different lengths {sorted(lengths)} need variable-length pipeline communication, "
@@ -61,7 +65,10 @@ def run_microbatches(model_chunks: Sequence[torch.nn.Module], microbatches: Sequ
 
 def per_token_loss(batch: MultimodalInputs, output: torch.Tensor):
     """loss_func for per-token losses [b, s] (0 where ignored): (sum, number of loss tokens, report)."""
-    n = (batch.labels != -100).sum().to(device=output.device, dtype=torch.int)
+    # this rank's loss tokens: under context parallelism the output holds only this CP rank's slice
+    cp = parallel_state.get_context_parallel_world_size()
+    rank = parallel_state.get_context_parallel_rank() if cp > 1 else 0
+    n = torch.tensor(context_parallel.loss_token_count(batch, cp, rank), device=output.device, dtype=torch.int)
     total = output.sum()
     # clone: megatron's schedule divides the returned loss in place
     return total, n, {"loss_sum": total.detach().clone(), "tokens": n}

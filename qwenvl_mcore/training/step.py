@@ -85,8 +85,8 @@ def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torc
     """Sums of the loss reports' `keys` over micro-batches and DP, computed on the last pipeline stage and broadcast
     to the whole pipeline (float64, the same on every rank)."""
     total = torch.tensor([sum(float(r[k]) for r in reports) for k in keys], dtype=torch.float64)
-    if reports:  # last stage
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if reports:  # last stage; each CP rank reports its slice of the rows
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
@@ -95,7 +95,7 @@ def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torc
 
 def _mean_aux(routing) -> float | None:
     """Mean of the micro-batches' load-balancing losses over this rank's micro-batches and the DP ranks (each
-    micro-batch's value already spans every layer, SP rank and pipeline stage)."""
+    micro-batch's value already spans every layer, SP rank, CP rank and pipeline stage)."""
     values = routing.aux_losses() if routing is not None else []
     if not values:
         return None
@@ -113,6 +113,8 @@ def expert_load(chunks: list) -> list[float] | None:
     counts = model.routing.layer_counts(model.args.text.num_hidden_layers)
     if model.config.sequence_parallel:
         dist.all_reduce(counts, group=parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_context_parallel_world_size() > 1:
+        dist.all_reduce(counts, group=parallel_state.get_context_parallel_group())
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())

@@ -14,9 +14,11 @@ PACKED_PAD = 7  # padding after the samples: an odd row, which sequence parallel
 
 
 def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_overrides: dict | None = None, *,
-                  packed: bool = False) -> dict:
+                  packed: bool = False, cp_layouts: dict | None = None) -> dict:
     """Forward reports (last pipeline stage only; None elsewhere), MRoPE equality (rank 0), and gradient reports
-    (every stage: its own parameters); the aux-loss check too; with `packed`, the packed-row checks."""
+    (every stage: its own parameters); the aux-loss check too; with `packed`, the packed-row checks. Then, in the
+    same processes, the context-parallel checks of each of `cp_layouts` (name -> layout kwargs; see
+    _context_parallel_checks.cp_parity_checks) under out["cp"][name]."""
     layout = ParallelLayout(**layout_kwargs)
     parity.start(layout)
     tokenizer = tiny.build_tokenizer()
@@ -46,6 +48,10 @@ def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_ov
                                                    aux_coef=0.5)
     if packed:
         out["packed"] = packed_checks(chunks, hf, processor)
+    if cp_layouts:
+        from _context_parallel_checks import cp_parity_checks
+
+        out["cp"] = {name: cp_parity_checks(kwargs, processor, hf) for name, kwargs in cp_layouts.items()}
     return out
 
 

@@ -32,6 +32,15 @@ SHARED_LAUNCHES = (("pp3_uneven", "pp3_vpp2_uneven"),)
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
 # Layouts whose launch also runs the packed-row checks (one rank as the reference, TP2xEP2 with SP, and PP2).
 PACKED_LAYOUTS = ("tp1_ep1", "tp2_ep2_sp", "pp2_tp2_ep2_sp")
+# Context-parallel layouts, each checked inside the launch of a layout with as many ranks (no launch of their own):
+# name -> (host layout, layout kwargs). See _context_parallel_checks.cp_parity_checks.
+CP_LAYOUTS = {
+    "cp2": ("pp2_vpp2", dict(cp=2)),
+    "cp2_tp2_sp": ("tp2_ep2_sp", dict(cp=2, tp=2, sequence_parallel=True)),
+    "cp2_ep2": ("tp2_ep2_sp", dict(cp=2, ep=2)),
+    "cp4": ("tp2_ep2_sp", dict(cp=4)),
+    "cp2_pp2": ("pp2_tp2_ep2_sp", dict(cp=2, pp=2)),
+}
 
 
 @functools.cache
@@ -41,8 +50,9 @@ def _launch(name: str):
     if shared:
         per_rank = _shared_launch(shared)
         return name, layout, [results[shared.index(name)] for results in per_rank]
+    cp_layouts = {cp: kwargs for cp, (host, kwargs) in CP_LAYOUTS.items() if host == name}
     return name, layout, run_on_ranks(parity_checks, world, layout, True, *hf_overrides,
-                                      packed=name in PACKED_LAYOUTS)
+                                      packed=name in PACKED_LAYOUTS, cp_layouts=cp_layouts)
 
 
 @functools.cache
@@ -83,6 +93,17 @@ def test_stages_hold_the_layers_the_layout_gives_them(launch):
         assert result["layers"] == [list(r) for r in expected], (name, result["pp_rank"], result["layers"])
     if ParallelLayout(**layout).uneven:
         assert len({len(sum(r["layers"], [])) for r in results}) > 1, name  # the stages differ in size
+
+
+def test_uneven_stages_give_the_one_rank_loss():
+    """Uneven PP3 (2/1/1 layers): every sample kind's loss equals the one-rank launch's within 1e-5, and the
+    max |dlogit| to transformers is as small (1e-4)."""
+    one_rank = _launch("tp1_ep1")[2][0]["forward"]
+    last = [r["forward"] for r in _launch("pp3_uneven")[2] if r["last_stage"]]
+    assert len(last) == 1
+    for kind, r in last[0].items():
+        assert abs(r["loss"] - one_rank[kind]["loss"]) <= LOSS_TOL, (kind, r["loss"], one_rank[kind]["loss"])
+        assert r["max_abs_logit_diff"] <= LOGIT_TOL and one_rank[kind]["max_abs_logit_diff"] <= LOGIT_TOL
 
 
 def test_mrope_position_ids_equal_transformers(launch):
@@ -152,3 +173,34 @@ def test_packed_gradients_and_routing(packed_launch):
         assert r["dispatched_empty"] == 0, (name, rank, r)
         if result["last_stage"]:
             assert r["empty_loss"] == 0.0 and r["empty_finite"], (name, rank, r)
+
+
+@pytest.mark.parametrize("cp_name", list(CP_LAYOUTS))
+def test_context_parallel_matches_transformers(cp_name):
+    """A packed row (image + video, text, image, video samples, lengths not all multiples of 2*cp, 5 padding tokens)
+    split over the CP ranks: on every last-stage rank each sample's logits within 1e-4 of transformers' (top-1
+    identical) and its loss within 1e-5, the row's global token-mean loss (sums and counts over DP x CP) within 1e-5
+    with the full token count; on every rank the position ids its rotary received equal transformers' ids of each
+    sample at that rank's positions, the aux loss within 1e-6, the routers counted every real token once per layer,
+    and every gradient (LM token sum + 0.5 x aux) within 1e-4 relative; the stages together cover every parameter."""
+    host, _ = CP_LAYOUTS[cp_name]
+    results = _launch(host)[2]
+    covered = set()
+    for rank, result in enumerate(results):
+        r = result["cp"][cp_name]
+        assert any(n % r["two_cp"] for n in r["lengths"]) and r["pad"] > 0, r["lengths"]
+        assert r["rope_equal"], (cp_name, rank)
+        assert r["aux_diff"] <= 1e-6, (cp_name, rank, r["aux_diff"])
+        assert r["routing_tokens"][0] == r["routing_tokens"][1], (cp_name, rank, r["routing_tokens"])
+        assert r["grad_rel"] <= GRAD_TOL, (cp_name, rank, r["grad_rel"], r["grad_worst"])
+        covered |= set(r["compared"])
+        if r["last_stage"]:
+            assert len(r["logit_diff"]) == len(r["lengths"]) and all(r["top1"]), (cp_name, rank, r)
+            assert max(r["logit_diff"]) <= LOGIT_TOL, (cp_name, rank, r["logit_diff"])
+            assert max(r["loss_diff"]) <= LOSS_TOL, (cp_name, rank, r["loss_diff"])
+            assert r["row_loss_diff"] <= LOSS_TOL, (cp_name, rank, r["row_loss_diff"])
+            assert r["row_tokens"][0] == r["row_tokens"][1], (cp_name, rank, r["row_tokens"])
+        else:
+            assert "logit_diff" not in r
+    assert any(result["cp"][cp_name]["last_stage"] for result in results)
+    assert len(covered) == results[0]["cp"][cp_name]["n_hf_params"], sorted(covered)

@@ -103,7 +103,7 @@ def test_both_key_spellings_give_the_same_args():
         (ParallelLayout(etp=5), 5, "etp=5"),
         (ParallelLayout(tp=2, sequence_parallel=True), 3, "world size 3"),
         (ParallelLayout(vpp=2), 1, "parallel.vpp=2 needs pipeline"),
-        (ParallelLayout(cp=2), 2, "parallel.cp=2"),
+        (ParallelLayout(cp=2, tp=2, sequence_parallel=True), 6, r"tp\*pp\*cp = 2\*1\*2"),
     ],
 )
 def test_impossible_layouts_fail_naming_field_and_fix(layout, world, needle):

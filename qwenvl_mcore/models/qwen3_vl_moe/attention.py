@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
+from qwenvl_mcore.parallel.context_parallel import ContextParallelAttention
+
 
 @dataclass(eq=False)
 class AttentionSegments:
@@ -128,11 +130,12 @@ class AttentionContext:
     """What every layer's core attention needs besides q, k and v, built once per forward and passed where megatron
     passes the attention mask (with megatron's own `rotary_pos_emb` left None).
 
-    `mask`: None (causal or full, by the layer), `AttentionSegments`, or a bool mask (True = masked out);
+    `mask`: None (causal or full, by the layer), `AttentionSegments`, a `ContextParallelAttention` (this rank's
+    slice of a row split over the CP ranks, see parallel/context_parallel.py), or a bool mask (True = masked out);
     `rotary`: tables applied to q and k before attention (None: no rotary).
     """
 
-    mask: "AttentionSegments | torch.Tensor | None" = None
+    mask: "AttentionSegments | ContextParallelAttention | torch.Tensor | None" = None
     rotary: RotaryTables | None = None
 
 
@@ -227,8 +230,6 @@ class SDPAttention(MegatronModule):
         super().__init__(config=config)
         from megatron.core.transformer.enums import AttnMaskType
 
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism.")
         self.causal = attn_mask_type == AttnMaskType.causal
         self.softmax_scale = softmax_scale
         tp = config.tensor_model_parallel_size
@@ -254,6 +255,11 @@ class SDPAttention(MegatronModule):
             if attention_mask.rotary is not None:
                 query, key = attention_mask.rotary.apply(query), attention_mask.rotary.apply(key)
             attention_mask = attention_mask.mask
+        if isinstance(attention_mask, ContextParallelAttention):  # this rank's slice of a row split over CP
+            if b != 1:
+                raise ValueError(f"context-parallel attention needs batch size 1, got {b}")
+            out = attention_mask.attend(query[:, 0], key[:, 0], value[:, 0], scale=self.softmax_scale)
+            return out.reshape(sq, 1, self.hidden_size_per_partition)
         if isinstance(attention_mask, AttentionSegments):
             if b != 1:
                 raise ValueError(f"attention segments need batch size 1, got {b}")

@@ -29,6 +29,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
 from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index, packed_position_ids
 from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
+from qwenvl_mcore.parallel import context_parallel
 from qwenvl_mcore.parallel.distributed import pipeline_stats_group
 from qwenvl_mcore.parallel.layout import ParallelLayout
 
@@ -66,9 +67,11 @@ class Qwen3VLMoeModel(MegatronModule):
 
     forward() returns, on the last stage, per-token losses [b, s] (fp32, 0 where the label is ignored) when
     labels are given, else logits [b, s, vocab/tp]; on other stages the hidden states [s(/tp), b, h] for the
-    next stage. While training, when `routing` (a routing.RoutingStats, set by the schedule) is given, the
-    routers record into it and the load-balancing loss (transformers' formula over all layers) enters the gradient
-    with weight `aux_loss_coeff * aux_loss_scale`.
+    next stage. Under context parallelism (parallel.cp > 1) each micro-batch is one packed row split over the CP
+    ranks (parallel/context_parallel.py): the per-token losses are those of this rank's slice [1, n] (in its slice
+    order), the logits those of the whole row in row order. While training, when `routing` (a
+    routing.RoutingStats, set by the schedule) is given, the routers record into it and the load-balancing loss
+    (transformers' formula over all layers) enters the gradient with weight `aux_loss_coeff * aux_loss_scale`.
     """
 
     def __init__(self, args: Qwen3VLMoeArgs, layout: ParallelLayout, *, dtype: torch.dtype = torch.float32,
@@ -82,6 +85,13 @@ class Qwen3VLMoeModel(MegatronModule):
         self.pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         self.post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.cp_group = parallel_state.get_context_parallel_group() if layout.cp > 1 else None
+        # the routers' statistics of a micro-batch are summed over the ranks sharing its tokens: SP ranks and CP ranks
+        if layout.cp > 1:
+            self.stats_group = (parallel_state.get_tensor_and_context_parallel_group() if layout.sequence_parallel
+                                else self.cp_group)
+        else:
+            self.stats_group = self.tp_group if layout.sequence_parallel else None
         self.aux_loss_coeff = args.text.router_aux_loss_coef if aux_loss_coeff is None else aux_loss_coeff
         self.aux_loss_scale = 1.0
         self.routing: RoutingStats | None = None
@@ -195,15 +205,30 @@ class Qwen3VLMoeModel(MegatronModule):
     def forward(self, batch: MultimodalInputs, microbatch_index: int = 0) -> torch.Tensor:
         tp = self.config.tensor_model_parallel_size
         sp = self.config.sequence_parallel
+        cp = self.config.context_parallel_size
+        if cp > 1:
+            batch = context_parallel.as_packed_row(batch)
         b, s_orig = batch.input_ids.shape
         if batch.cu_seqlens is not None:
             batch = _check_packed(batch)
-        batch = _pad_to_multiple(batch, tp if sp else 1)
+        if cp == 1:
+            batch = _pad_to_multiple(batch, tp if sp else 1)
         s = batch.input_ids.shape[1]
         position_ids = self.position_ids(batch)  # on the host for host batches: per-sample loops over the grids
         host_ids = batch.input_ids.cpu() if self.pre_process else None
+        split = None
+        if cp > 1:
+            # Position ids (and the visual placements below) come from the whole row; each rank keeps its slice.
+            cp_rank = self.cp_group.rank()
+            split = context_parallel.RowSplit.build(batch.cu_seqlens, s, cp, tp if sp else 1)
+            ids, attention_mask, labels = context_parallel.local_inputs(batch, split, cp_rank)
+            position_ids = split.take(position_ids, cp_rank, dim=2, fill=0)
+            batch = replace(batch, input_ids=ids, attention_mask=attention_mask, labels=labels)
+            s = split.n
         batch, position_ids = _to_device(batch, self.device), position_ids.to(self.device, non_blocking=True)
-        if batch.cu_seqlens is not None:
+        if split is not None:
+            mask = split.attention(cp_rank, self.cp_group, device=self.device)
+        elif batch.cu_seqlens is not None:
             mask = packed_attention_segments(batch.cu_seqlens, s, device=self.device)
         else:
             mask = self._attention_mask(batch.attention_mask, s)
@@ -227,8 +252,13 @@ class Qwen3VLMoeModel(MegatronModule):
                     # the feature gradients over TP in backward gives every rank the full ViT gradient.
                     merged = tensor_parallel.copy_to_tensor_model_parallel_region(merged)
                     deep = [tensor_parallel.copy_to_tensor_model_parallel_region(d) for d in deep]
-                scatter = VisualScatter.from_mask(visual_mask, sp_rank=self.tp_group.rank() if sp else 0,
-                                                  sp_size=tp if sp else 1, device=self.device)
+                if split is not None:  # the ViT ran on the whole row: this rank places its slice's features
+                    scatter = context_parallel.visual_scatter(
+                        visual_mask, split, cp_rank, sp_rank=self.tp_group.rank() if sp else 0,
+                        sp_size=tp if sp else 1, device=self.device)
+                else:
+                    scatter = VisualScatter.from_mask(visual_mask, sp_rank=self.tp_group.rank() if sp else 0,
+                                                      sp_size=tp if sp else 1, device=self.device)
                 hidden = scatter.replace(hidden, merged)
                 deepstack = DeepStackInputs(deep, scatter)
         else:
@@ -242,16 +272,21 @@ class Qwen3VLMoeModel(MegatronModule):
                               padding_mask=padding_mask, deepstack=deepstack, routing_record=record)
         if record is not None:
             record.publish([layer.layer_number for layer in self.decoder.layers],
-                           sp_group=self.tp_group if sp else None, pp_group=self.pp_stats_group)
+                           sp_group=self.stats_group, pp_group=self.pp_stats_group)
 
         if not self.post_process:
             return hidden
         weight = self.embedding.weight if (self.share_embeddings_and_output_weights and self.pre_process) else None
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/tp]
-        logits = logits[:s_orig]
-        if batch.labels is None:
-            return logits.transpose(0, 1).contiguous()
-        labels = batch.labels[:, :s_orig]
+        if split is not None:
+            if batch.labels is None:  # logits of the whole row in its order on every CP rank
+                return context_parallel.gather_row(logits, split, self.cp_group).transpose(0, 1).contiguous()
+            labels = batch.labels  # per-token losses of this rank's slice [1, n] (see context_parallel)
+        else:
+            logits = logits[:s_orig]
+            if batch.labels is None:
+                return logits.transpose(0, 1).contiguous()
+            labels = batch.labels[:, :s_orig]
         target = labels.transpose(0, 1).contiguous()
         ignore = target == IGNORE_INDEX
         target = target.masked_fill(ignore, 0)

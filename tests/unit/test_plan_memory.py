@@ -307,7 +307,7 @@ def _shard_rank(rank, world, layouts):
 
 SHARD_LAYOUTS = (dict(tp=2, ep=2, sequence_parallel=True), dict(pp=2),
                  dict(tp=2, ep=2, sequence_parallel=True, lora=True), dict(pp=2, lora=True),
-                 dict(pp=2, first_stage_layers=3))  # uneven stages: 3 + 1 of the 4 layers
+                 dict(pp=2, first_stage_layers=3), dict(pp=2, first_stage_layers=3, lora=True))  # uneven: 3 + 1
 
 
 def test_planned_shards_equal_the_real_model():

@@ -405,7 +405,9 @@ def load_training_checkpoint(run: Run, ckpt: str) -> None:
     if saved is None:
         raise model_io.CheckpointError(f"{ckpt} holds no training state (a converted checkpoint?): start from it with "
                                        "model.init_from=... instead, or point checkpoint.dir elsewhere.")
-    same_layout = saved["layout"] == run.layout.as_dict() and saved["world_size"] == dist.get_world_size()
+    # a layout saved before a field existed (first/last_stage_layers) holds its default
+    saved_layout = {**dataclasses.asdict(type(run.layout)()), **saved["layout"]}
+    same_layout = saved_layout == run.layout.as_dict() and saved["world_size"] == dist.get_world_size()
     allocate_optimizer_state(run.optimizer)
     state = _sharded_training_state(run, is_loading=True, with_rng=same_layout)
     refusal = None

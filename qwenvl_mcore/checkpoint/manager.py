@@ -202,7 +202,10 @@ class AsyncSaver:
             return
         pending, self._pending = self._pending, None
         for call in self._calls.async_calls:
-            call.async_caller.close(abort=True)
+            process = getattr(call.async_caller, "process", None)
+            call.async_caller.close(abort=True)  # SIGKILL, no join
+            if process is not None:
+                process.join(timeout=30)
         self._calls.async_calls.clear()
         if _is_rank0():
             model_io.discard_output(pending["staging"])

@@ -29,8 +29,12 @@ on every rank ((cp - 1) / cp of the row's K/V received), is small next to the ac
 (Qwen3-VL: 4 KV heads against 32 query heads). A ring would overlap that communication with compute and keep
 only 1/cp of K/V per step: worth it for very long rows at large cp, not for ours.
 
-Not here: the ViT runs whole on every CP rank and each rank takes its slice of the visual features (its gradient
-flows only from its own tokens; summed over CP by the data-parallel gradient reduction, which spans DP x CP).
+The ViT (`spread_vision`): each CP rank encodes a consecutive share of the frames of the micro-batch's images and
+videos (about equal patch counts; a video may be cut between frames, which the ViT attends to separately), and
+the features (merged and DeepStack, one exchange) are all-gathered over the CP group; every rank then places the
+features of the visual tokens of its own slice. Backward: the features' gradient summed over the CP group, each
+rank keeping its share's rows; the ViT's parameter gradients of the ranks are summed by the data-parallel gradient
+reduction, which spans DP x CP.
 """
 
 from __future__ import annotations
@@ -367,3 +371,94 @@ def loss_token_count(batch, cp: int, rank: int, ignore_index: int = -100) -> int
         return int((batch.labels != ignore_index).sum())
     batch = as_packed_row(batch)
     return local_token_count(batch.labels, batch.cu_seqlens, cp, rank, ignore_index)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The ViT's work spread over the CP ranks
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def vision_shares(grid_thw, cp: int, merge_unit: int = 4) -> list[dict]:
+    """Cut the frames of the images / videos of `grid_thw` ([n, 3] rows (t, h, w)) into cp consecutive shares of
+    about equal patch counts (the ViT's work; every frame is an independent attention segment, so a video may be
+    cut between frames). Per rank: `patches` (start, end) rows of pixel_values, `grid` rows [[t, h, w], ...] of its
+    share (a video's frames may be split over ranks), `features` (start, end) rows of the merged features."""
+    grids = [(int(t), int(h), int(w)) for t, h, w in
+             (grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw)]
+    frames = [(i, h * w) for i, (t, h, w) in enumerate(grids) for _ in range(t)]
+    total = sum(p for _, p in frames)
+    shares, start, done = [], 0, 0
+    cuts = []
+    acc = 0
+    for k, (_, p) in enumerate(frames):  # frame k goes to the rank whose range holds its midpoint
+        cuts.append(min(cp - 1, (2 * acc + p) * cp // (2 * total)) if total else 0)
+        acc += p
+    for r in range(cp):
+        mine = [k for k, c in enumerate(cuts) if c == r]
+        grid: list[list[int]] = []
+        patches = 0
+        for k in mine:
+            i, p = frames[k]
+            _, h, w = grids[i]
+            if grid and grid[-1][3] == i:
+                grid[-1][0] += 1
+            else:
+                grid.append([1, h, w, i])
+            patches += p
+        shares.append({"patches": (start, start + patches), "grid": [g[:3] for g in grid],
+                       "features": (done, done + patches // merge_unit)})
+        start += patches
+        done += patches // merge_unit
+    return shares
+
+
+class GatherShares(torch.autograd.Function):
+    """Rows of every rank's share gathered in rank order ([sum of sizes, d]); backward: the gradient summed over
+    the group (each rank used the features of its own slice), each rank keeping its share's rows."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, sizes: list[int], group):
+        import torch.distributed as dist
+
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, dist.get_rank(group)
+        most = max(sizes)
+        padded = t.new_zeros((most, t.shape[1]))
+        padded[:t.shape[0]] = t
+        out = t.new_empty((len(sizes) * most, t.shape[1]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([out[r * most:r * most + n] for r, n in enumerate(sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+def spread_vision(vision, pixel_values: torch.Tensor, grid_thw: torch.Tensor, group):
+    """vision(pixel_values, grid_thw) -> (merged, deepstack list), each CP rank of `group` encoding only its share
+    of the frames (`vision_shares`) and the features gathered over the group; the same numbers as one call."""
+    import torch.distributed as dist
+
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    merge_unit = vision.merge_unit
+    shares = vision_shares(grid_thw, cp, merge_unit)
+    mine = shares[rank]
+    a, b = mine["patches"]
+    n_deep = len(vision.deepstack_visual_indexes)
+    if b > a:
+        grid = torch.tensor(mine["grid"], dtype=grid_thw.dtype, device=grid_thw.device)
+        merged, deepstack = vision(pixel_values[a:b], grid)
+        local = torch.cat([merged, *deepstack], dim=1)
+    else:  # nothing to encode here: take part in the exchange with no rows
+        width = vision.vision_args.out_hidden_size * (1 + n_deep)
+        # requires grad so that this rank, too, takes part in the backward's exchange
+        local = torch.zeros((0, width), dtype=next(vision.parameters()).dtype, device=pixel_values.device,
+                            requires_grad=torch.is_grad_enabled())
+    sizes = [s["features"][1] - s["features"][0] for s in shares]
+    full = GatherShares.apply(local, sizes, group)
+    parts = full.chunk(1 + n_deep, dim=1)
+    return parts[0], list(parts[1:])

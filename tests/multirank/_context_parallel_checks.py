@@ -113,7 +113,8 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
     the per-token schedule (loss sums and counts summed over DP x CP); whether the position ids each rank's rotary
     received equal transformers' ids of each sample alone at that rank's positions; the aux loss difference; the
     worst relative gradient difference (LM token-sum + AUX_COEF * aux) over every HF parameter this stage holds and
-    the names compared; the routers' token count against layers x real tokens."""
+    the names compared; the routers' token count against layers x real tokens; on the first stage, the patches
+    this rank's ViT encoded and the row's patches."""
     from megatron.core import parallel_state as ps
 
     from qwenvl_mcore.conversion import engine
@@ -154,13 +155,19 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
                                                    reduction="none", ignore_index=-100).view_as(shifted)
     hf_sample_loss = [float(token_loss[i].sum() / (shifted[i] != -100).sum()) for i in range(len(samples))]
 
-    # the position ids each rank's rotary receives (first forward below)
-    seen = []
+    # the position ids each rank's rotary receives and the patches its ViT encodes (first forward below)
+    seen, encoded = [], []
     hook = model.rotary.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().cpu()))
+    vit_hook = (model.vision.register_forward_hook(lambda m, i, o: encoded.append(int(i[0].shape[0])))
+                if model.pre_process else None)
     for c in chunks:
         c.eval()
     with torch.no_grad():
         logits = run_microbatches(chunks, [replace_labels(row, None)], forward_only=True)
+        if vit_hook is not None:
+            vit_hook.remove()
+            total = sum(int(t.shape[0]) for t in (row.pixel_values, row.pixel_values_videos) if t is not None)
+            res["vit_patches"] = (sum(encoded), total)
         losses = run_microbatches(chunks, [row], forward_only=True, loss_for=loss_for_per_token)
         tok = run_microbatches(chunks, [row], forward_only=True)  # last stage: [1, n], this rank's slice
     hook.remove()

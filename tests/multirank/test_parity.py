@@ -182,7 +182,8 @@ def test_context_parallel_matches_transformers(cp_name):
     identical) and its loss within 1e-5, the row's global token-mean loss (sums and counts over DP x CP) within 1e-5
     with the full token count; on every rank the position ids its rotary received equal transformers' ids of each
     sample at that rank's positions, the aux loss within 1e-6, the routers counted every real token once per layer,
-    and every gradient (LM token sum + 0.5 x aux) within 1e-4 relative; the stages together cover every parameter."""
+    and every gradient (LM token sum + 0.5 x aux) within 1e-4 relative; the stages together cover every parameter;
+    the ViT's patches are encoded once over the CP ranks, each rank a share."""
     host, _ = CP_LAYOUTS[cp_name]
     results = _launch(host)[2]
     covered = set()
@@ -204,3 +205,8 @@ def test_context_parallel_matches_transformers(cp_name):
             assert "logit_diff" not in r
     assert any(result["cp"][cp_name]["last_stage"] for result in results)
     assert len(covered) == results[0]["cp"][cp_name]["n_hf_params"], sorted(covered)
+    # the ViT's work is spread: each first-stage rank encodes a share, the CP ranks together every patch once
+    vit = [result["cp"][cp_name]["vit_patches"] for result in results if "vit_patches" in result["cp"][cp_name]]
+    cp = results[0]["cp"][cp_name]["two_cp"] // 2
+    assert vit and all(0 < mine < total for mine, total in vit), vit
+    assert sum(mine for mine, _ in vit) * cp == vit[0][1] * len(vit), vit

@@ -122,3 +122,24 @@ def test_rank_blocks_equal_full_row_attention(cp):
         segment_attention(q, kk, v, AttentionSegments.packed_row(torch.tensor(cu), s), scale=0.3).backward(grad)
         out.backward(grad)
         torch.testing.assert_close(split.unsplit(k_row.grad, dim=0), kk.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_vision_shares_cover_the_frames_in_order_and_balance(cp):
+    """The ViT's shares: consecutive patch ranges covering every patch once, whole frames (a video may be cut
+    between frames), grid rows that add up to the frames of the original rows, feature ranges of patches / 4, and
+    patch counts within one frame of the even share."""
+    from qwenvl_mcore.parallel.context_parallel import vision_shares
+
+    for grid in ([[1, 4, 6]], [[1, 4, 6], [4, 8, 8], [1, 2, 2]], [[8, 4, 4]], [[1, 16, 16], [2, 4, 4], [3, 2, 6]]):
+        shares = vision_shares(torch.tensor(grid), cp)
+        total = sum(t * h * w for t, h, w in grid)
+        assert shares[0]["patches"][0] == 0 and shares[-1]["patches"][1] == total
+        assert all(a["patches"][1] == b["patches"][0] for a, b in zip(shares, shares[1:]))
+        for s in shares:
+            assert s["patches"][1] - s["patches"][0] == sum(t * h * w for t, h, w in s["grid"])
+            assert s["features"][1] - s["features"][0] == (s["patches"][1] - s["patches"][0]) // 4
+        frames = [(h, w) for t, h, w in grid for _ in range(t)]
+        assert [(h, w) for s in shares for t, h, w in s["grid"] for _ in range(t)] == frames
+        biggest = max(h * w for h, w in frames)
+        assert all(abs((s["patches"][1] - s["patches"][0]) - total / cp) <= biggest for s in shares), shares

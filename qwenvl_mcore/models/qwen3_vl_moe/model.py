@@ -169,7 +169,10 @@ class Qwen3VLMoeModel(MegatronModule):
                 if n_tokens:
                     raise ValueError(f"{n_tokens} {what} placeholder tokens but no {what} pixels were given.")
                 continue
-            merged, deepstack = self.vision(pixels, grid)
+            if self.cp_group is not None:  # each CP rank encodes a share of the frames; all get every feature
+                merged, deepstack = context_parallel.spread_vision(self.vision, pixels, grid, self.cp_group)
+            else:
+                merged, deepstack = self.vision(pixels, grid)
             if merged.shape[0] != n_tokens:
                 raise ValueError(
                     f"{what} features and placeholder tokens do not match: {merged.shape[0]} features for "
@@ -252,7 +255,7 @@ class Qwen3VLMoeModel(MegatronModule):
                     # the feature gradients over TP in backward gives every rank the full ViT gradient.
                     merged = tensor_parallel.copy_to_tensor_model_parallel_region(merged)
                     deep = [tensor_parallel.copy_to_tensor_model_parallel_region(d) for d in deep]
-                if split is not None:  # the ViT ran on the whole row: this rank places its slice's features
+                if split is not None:  # every feature of the row is here: this rank places its slice's
                     scatter = context_parallel.visual_scatter(
                         visual_mask, split, cp_rank, sp_rank=self.tp_group.rank() if sp else 0,
                         sp_size=tp if sp else 1, device=self.device)

@@ -1,9 +1,10 @@
 """The trainer through its entry point (`torchrun -m qwenvl_mcore.train`), on the tiny model from one converted
 checkpoint, with 20 synthetic samples of uneven length (so loss tokens differ across ranks and micro-batches):
 
-- parallelism invariance: 10 steps of one global batch (8 samples) at DP4, TP2xEP2 (DP2), PP2xDP2, ETP2 and uneven
-  PP3 (2/1/1 layers) give the single-rank run's losses within 1e-5 and grad norms within 1e-4 relative, the same
-  load-balancing loss, and that loss equals transformers' formula on the same batch;
+- parallelism invariance: 10 steps of one global batch (8 samples) at DP4, TP2xEP2 (DP2), PP2xDP2, ETP2, uneven
+  PP3 (2/1/1 layers), CP2xTP2xEP2 and CP2xEP2 (DP2) give the single-rank run's losses within 1e-5 and grad norms
+  within 1e-4 relative, the same load-balancing loss, and that loss equals transformers' formula on the same batch;
+  a CP2xTP2xEP2 checkpoint resumed on one rank continues the trajectory;
 - overfitting: the loss falls by half in 30 steps at TP2/EP2/SP and at PP2;
 - resume: a run stopped by SIGTERM and started again gives the straight run's losses and final weights bit for bit;
   resumed at another layout (TP2/EP2 -> TP1/EP4, PP2 -> PP1) it stays within 1e-5 and its Adam moments are the saved
@@ -56,6 +57,9 @@ LAYOUTS = {
     "tp1_ep4": (4, ["parallel.ep=4"]),
     # uneven stages: 2/1/1 of the 4 layers (DeepStack's targets on the first), 8 micro-batches through 1F1B
     "pp3_uneven": (3, ["parallel.pp=3", "parallel.first_stage_layers=2", "parallel.last_stage_layers=1"]),
+    # context parallelism: each sample's row split over 2 CP ranks, with TP2 (SP) and EP2 (DP1), and with EP2 x DP2
+    "cp2_tp2_ep2": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
+    "cp2_ep2": (4, ["parallel.cp=2", "parallel.ep=2"]),
 }
 
 
@@ -126,7 +130,7 @@ def close(a: list[dict], b: list[dict], *, loss_tol: float, norm_rel: float, aux
 
 
 # -- invariance ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["dp4", "tp2_ep2", "pp2", "etp2", "pp3_uneven"])
+@pytest.mark.parametrize("name", ["dp4", "tp2_ep2", "pp2", "etp2", "pp3_uneven", "cp2_tp2_ep2", "cp2_ep2"])
 def test_layouts_give_the_single_rank_run(name):
     ref = straight("single")
     ours = straight(name, STEPS if name in ("tp2_ep2", "pp2") else 10)[:10]
@@ -262,6 +266,18 @@ def test_resume_at_another_layout_keeps_the_trajectory_and_adam_moments():
     pp_source = WORK / "straight_pp2"
     straight("pp2", STEPS)
     run_dir = _resume_elsewhere(pp_source, 10, "single", "pp1")
+    train("single", run_dir, 20)
+    ours = metrics(run_dir)
+    assert [m["step"] for m in ours] == list(range(11, 21))
+    assert close(ours, ref[10:20], loss_tol=1e-5, norm_rel=1e-4, aux_tol=1e-6) == []
+
+
+def test_resume_from_context_parallel_on_one_rank():
+    """A checkpoint saved at CP2 x TP2 x EP2 (step 10) resumed on one rank (CP1) continues the trajectory: steps
+    11-20 within 1e-5 (loss), 1e-4 relative (grad norm) and 1e-6 (aux) of the straight run."""
+    ref = straight("tp2_ep2", STEPS)
+    straight("cp2_tp2_ep2")
+    run_dir = _resume_elsewhere(WORK / "straight_cp2_tp2_ep2", 10, "single", "cp1")
     train("single", run_dir, 20)
     ours = metrics(run_dir)
     assert [m["step"] for m in ours] == list(range(11, 21))

@@ -92,16 +92,17 @@ class RowSplit:
     """How one packed row of s tokens is split over cp ranks (see the module docstring).
 
     `source` [cp * n] long: original row position of every slot of the split row (rank r holds slots
-    r*n .. (r+1)*n - 1), -1 for added padding. `blocks[r]`: rank r's attention blocks, (query start in its slice,
-    query length, key slots in the split row) in slice order; padding slots are blocks of one query and itself.
+    r*n .. (r+1)*n - 1), -1 for added padding; `chunks`: (start, its 2*cp chunks as (offset, size)) per sample.
+    `blocks(r)`: rank r's attention blocks, (query start in its slice, query length, key slots in the split row)
+    in slice order; padding slots are blocks of one query and itself.
     """
 
     s: int
     cp: int
     n: int
     source: torch.Tensor
-    blocks: list[list[tuple[int, int, list[int]]]]
-    chunks: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)  # (sample start, its 2cp chunks)
+    chunks: list[tuple[int, list[tuple[int, int]]]]
+    where: torch.Tensor  # [s]: the slot of every original position
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -133,21 +134,21 @@ class RowSplit:
         where = torch.full((s,), -1, dtype=torch.long)
         real = source >= 0
         where[source[real]] = torch.arange(cp * n)[real]
-        blocks: list[list[tuple[int, int, list[int]]]] = [[] for _ in range(cp)]
-        for start, chunks in layout:
-            for r in range(cp):
-                for k in (r, 2 * cp - 1 - r):
-                    c0, size = chunks[k]
-                    if size == 0:
-                        continue
-                    q_slot = int(where[start + c0])
-                    keys = where[start: start + c0 + size].tolist()
-                    blocks[r].append((q_slot - r * n, size, keys))
-        for r in range(cp):
-            covered = sum(size for _, size, _ in blocks[r])
-            for j in range(covered, n):
-                blocks[r].append((j, 1, [r * n + j]))
-        return cls(s=s, cp=cp, n=n, source=source, blocks=blocks, chunks=layout)
+        return cls(s=s, cp=cp, n=n, source=source, chunks=layout, where=where)
+
+    def blocks(self, rank: int) -> list[tuple[int, int, torch.Tensor]]:
+        """Rank `rank`'s attention blocks (see the class docstring); key slots as a long tensor."""
+        cp, n, out = self.cp, self.n, []
+        for start, chunks in self.chunks:
+            for k in (rank, 2 * cp - 1 - rank):
+                c0, size = chunks[k]
+                if size:
+                    keys = self.where[start: start + c0 + size]  # the sample's chunks 0..k, in order
+                    out.append((int(self.where[start + c0]) - rank * n, size, keys))
+        covered = sum(size for _, size, _ in out)
+        pad = torch.arange(rank * n + covered, rank * n + n)
+        out.extend((covered + i, 1, pad[i:i + 1]) for i in range(n - covered))
+        return out
 
     @property
     def length(self) -> int:
@@ -168,15 +169,12 @@ class RowSplit:
 
     def unsplit(self, split_row: torch.Tensor, *, dim: int) -> torch.Tensor:
         """The split row (all ranks' slices in rank order along `dim`) back in original order: [.., s, ..]."""
-        where = torch.full((self.s,), -1, dtype=torch.long)
-        real = self.source >= 0
-        where[self.source[real]] = torch.arange(self.length)[real]
-        return split_row.index_select(dim, where.to(split_row.device))
+        return split_row.index_select(dim, self.where.to(split_row.device))
 
     def attention(self, rank: int, group, device=None) -> "ContextParallelAttention":
         key = (rank, str(device))
         if key not in self._device_cache:
-            self._device_cache[key] = ContextParallelAttention.from_blocks(self.blocks[rank], self.n, group, device)
+            self._device_cache[key] = ContextParallelAttention.from_blocks(self.blocks(rank), self.n, group, device)
         return self._device_cache[key]
 
 
@@ -259,7 +257,7 @@ class ContextParallelAttention:
         key_rows, by_len, offset = [], {}, 0
         for q0, ql, keys in blocks:
             by_len.setdefault((ql, len(keys)), []).append((q0, offset))
-            key_rows.extend(keys)
+            key_rows.append(keys)
             offset += len(keys)
         groups, masks = [], {}
         for (ql, kl), items in by_len.items():
@@ -268,7 +266,8 @@ class ContextParallelAttention:
             groups.append((ql, kl, len(items), q_rows.reshape(-1).to(device), k_rows.reshape(-1).to(device)))
             if ql > 1:  # query i sees keys j <= kl - ql + i (one query seeing only its own key needs no mask)
                 masks[(ql, kl)] = (torch.arange(kl)[None, :] <= (kl - ql) + torch.arange(ql)[:, None]).to(device)
-        return cls(n, group, torch.tensor(key_rows, dtype=torch.long, device=device), groups, masks)
+        rows = torch.cat(key_rows) if key_rows else torch.zeros(0, dtype=torch.long)
+        return cls(n, group, rows.to(device), groups, masks)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """q [n, hq, d], k/v [n, hkv, d] of this rank's slice -> [n, hq, d]."""
@@ -325,8 +324,6 @@ def as_packed_row(batch):
         n = int(mask.sum())
         if not bool(mask[:n].all()):
             raise ValueError("context parallelism needs right padding (real tokens first) in an unpacked row.")
-    if batch.position_ids is not None:
-        raise ValueError("context parallelism computes the position ids of the row itself; pass position_ids=None.")
     return replace(batch, cu_seqlens=torch.tensor([0, n], dtype=torch.int32))
 
 

@@ -104,7 +104,10 @@ def compare_forward(chunks, hf_model, batch) -> dict[str, float] | None:
     if not logits:
         return None
     report = logits_report(gather_vocab(logits[0]), ref.logits, batch.get("attention_mask"))
-    loss = (losses[0]["loss_sum"] / losses[0]["tokens"]).item()
+    totals = torch.stack([losses[0]["loss_sum"].double(), torch.as_tensor(losses[0]["tokens"]).double()])
+    if parallel_state.get_context_parallel_world_size() > 1:  # each CP rank reports its slice of the row
+        dist.all_reduce(totals, group=parallel_state.get_context_parallel_group())
+    loss = (totals[0] / totals[1]).item()
     report["loss_diff"] = abs(loss - ref.loss.item())
     report["loss"] = loss
     return report

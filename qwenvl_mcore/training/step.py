@@ -8,6 +8,10 @@ over the micro-batches of all DP ranks and added once: its gradient is pre-multi
 global tokens / (micro-batches x DP) to survive that division. With M micro-batches of a fixed global batch on D
 ranks, M x D is the same for every layout, so the objective does not depend on the DP size.
 
+Under context parallelism every CP rank of a DP rank runs the same micro-batches, each on its slice of the row:
+token counts of the global batch are summed over DP only, the loss sums and the per-rank token counts megatron
+divides by over DP x CP, and the routers' statistics (hence the aux loss) already span the CP ranks.
+
 A step whose loss or gradient norm is not finite changes nothing (no update, no LR step) and is reported; so does a
 step without any loss token (every sample of the global batch skipped), which runs no forward pass at all.
 """
@@ -96,20 +100,22 @@ def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torc
 def _mean_aux(routing) -> float | None:
     """Mean of the micro-batches' load-balancing losses over this rank's micro-batches and the DP ranks (each
     micro-batch's value already spans every layer, SP rank, CP rank and pipeline stage)."""
-    values = routing.aux_losses() if routing is not None else []
-    if not values:
+    if routing is None:  # the same on every rank: a model without routers
         return None
+    # A rank whose micro-batches are all padding has no value, but it must join the all-reduce all the same.
+    values = routing.aux_losses()
     total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]) if total[1] > 0 else None
 
 
 def expert_load(chunks: list) -> list[float] | None:
     """Per LLM layer, max / mean tokens per expert over the global batch of the last schedule call (1.0 is
     perfectly balanced); the same list on every rank."""
     model = unwrap(chunks[0])
-    if model.routing is None or not model.routing.micro:
+    if model.routing is None:
         return None
+    # no early return for a rank without micro-batch statistics: its zero counts join the collectives below
     counts = model.routing.layer_counts(model.args.text.num_hidden_layers)
     if model.config.sequence_parallel:
         dist.all_reduce(counts, group=parallel_state.get_tensor_model_parallel_group())

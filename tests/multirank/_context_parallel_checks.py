@@ -114,7 +114,8 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
     received equal transformers' ids of each sample alone at that rank's positions; the aux loss difference; the
     worst relative gradient difference (LM token-sum + AUX_COEF * aux) over every HF parameter this stage holds and
     the names compared; the routers' token count against layers x real tokens; on the first stage, the patches
-    this rank's ViT encoded and the row's patches."""
+    this rank's ViT encoded and the row's patches; parity.compare_forward's report for every one-row sample kind
+    (unpacked rows; None off the last stage)."""
     from megatron.core import parallel_state as ps
 
     from qwenvl_mcore.conversion import engine
@@ -204,6 +205,15 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
         dp = dist.get_world_size(ps.get_data_parallel_group())
         res["row_loss_diff"] = abs(float(total[0] / total[1]) - float(lm_mean))
         res["row_tokens"] = (float(total[1]) / dp, n_tokens)
+
+    # unpacked one-row batches of every kind (what tools/convert/verify.py feeds): logits and loss vs transformers
+    from qwenvl_mcore.testing import tiny
+
+    res["single_rows"] = {}
+    for kind in tiny.SAMPLE_KINDS:
+        batch = tiny.sample_inputs(processor, kind)
+        if batch["input_ids"].shape[0] == 1:
+            res["single_rows"][kind] = parity.compare_forward(chunks, hf, batch)
 
     # gradients of (LM token sum + AUX_COEF * aux), through megatron's schedule in per-token mode
     configs = {id(c.config): c.config for c in chunks}.values()

@@ -183,7 +183,8 @@ def test_context_parallel_matches_transformers(cp_name):
     with the full token count; on every rank the position ids its rotary received equal transformers' ids of each
     sample at that rank's positions, the aux loss within 1e-6, the routers counted every real token once per layer,
     and every gradient (LM token sum + 0.5 x aux) within 1e-4 relative; the stages together cover every parameter;
-    the ViT's patches are encoded once over the CP ranks, each rank a share."""
+    the ViT's patches are encoded once over the CP ranks, each rank a share. Each one-row sample kind, unpacked:
+    logits within 1e-4, loss within 1e-5 (the CP ranks' loss sums and counts added)."""
     host, _ = CP_LAYOUTS[cp_name]
     results = _launch(host)[2]
     covered = set()
@@ -201,6 +202,10 @@ def test_context_parallel_matches_transformers(cp_name):
             assert max(r["loss_diff"]) <= LOSS_TOL, (cp_name, rank, r["loss_diff"])
             assert r["row_loss_diff"] <= LOSS_TOL, (cp_name, rank, r["row_loss_diff"])
             assert r["row_tokens"][0] == r["row_tokens"][1], (cp_name, rank, r["row_tokens"])
+            assert len(r["single_rows"]) == len(tiny.SAMPLE_KINDS) - 1  # all but the two-row padded batch
+            for kind, f in r["single_rows"].items():  # unpacked one-row batches
+                assert f["max_abs_logit_diff"] <= LOGIT_TOL and f["loss_diff"] <= LOSS_TOL, (cp_name, kind, f)
+                assert f["top1_agreement"] == 1.0, (cp_name, kind, f)
         else:
             assert "logit_diff" not in r
     assert any(result["cp"][cp_name]["last_stage"] for result in results)

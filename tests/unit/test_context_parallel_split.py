@@ -143,3 +143,21 @@ def test_vision_shares_cover_the_frames_in_order_and_balance(cp):
         assert [(h, w) for s in shares for t, h, w in s["grid"] for _ in range(t)] == frames
         biggest = max(h * w for h, w in frames)
         assert all(abs((s["patches"][1] - s["patches"][0]) - total / cp) <= biggest for s in shares), shares
+
+
+def test_rows_the_split_takes_and_refuses():
+    """A packed row is taken as is; one unpacked right-padded row becomes a packed row of one sample; several rows
+    or left padding are refused naming the fix."""
+    from qwenvl_mcore.models.qwen3_vl_moe.model import MultimodalInputs
+    from qwenvl_mcore.parallel.context_parallel import as_packed_row
+
+    ids = torch.arange(10).unsqueeze(0)
+    row = as_packed_row(MultimodalInputs(input_ids=ids, attention_mask=(ids < 7).long()))
+    assert row.cu_seqlens.tolist() == [0, 7]
+    assert as_packed_row(MultimodalInputs(input_ids=ids)).cu_seqlens.tolist() == [0, 10]
+    packed = MultimodalInputs(input_ids=ids, cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32))
+    assert as_packed_row(packed) is packed
+    with pytest.raises(ValueError, match="data.packing"):
+        as_packed_row(MultimodalInputs(input_ids=torch.zeros(2, 10, dtype=torch.long)))
+    with pytest.raises(ValueError, match="right padding"):
+        as_packed_row(MultimodalInputs(input_ids=ids, attention_mask=(ids >= 3).long()))

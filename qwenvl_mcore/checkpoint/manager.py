@@ -53,13 +53,15 @@ def _barrier() -> None:
 
 def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtype: torch.dtype,
                     keep: int | None = None, kind: str = "training", info: dict | None = None,
-                    files: dict[str, str] | None = None) -> str:
+                    files: dict[str, str] | None = None, hf_export=None) -> str:
     """Save `state`, a megatron sharded state dict holding at least the model's (model_io.model_sharded_state_dict;
     plus optimizer and other sharded state, and plain objects saved once), as `<save_root>/step_<step>`; `hf_dir`
     gives the config and processor files the checkpoint carries; `kind` and `info` (extra keys) go into its
     qwenvl_mcore.json; `files` (name -> text) are written into it by rank 0. Returns the checkpoint path. The
     directory appears, and `latest` moves, only once everything is written; `latest` never names a missing directory.
-    A failed save (a full disk: ENOSPC) removes its partial directory and raises CheckpointError on every rank."""
+    A failed save (a full disk: ENOSPC) removes its partial directory and raises CheckpointError on every rank.
+    `hf_export(dir)`, collective, writes HF weights into the checkpoint's hf/ first (checkpoint.save_hf); they are
+    published with the rest, never alone."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -70,6 +72,11 @@ def save_checkpoint(save_root: str, step: int, state: dict, *, hf_dir: str, dtyp
         dist_checkpointing.save(state, staging)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
         error = e
+    if hf_export is not None:  # after megatron's save, which expects an empty directory
+        message = _agreed_error(error, staging, save_root)
+        if message is not None:
+            raise model_io.CheckpointError(message)
+        _export_hf(hf_export, save_root, staging)
     _finish(error, save_root, staging, final, step=step, hf_dir=hf_dir, dtype=dtype, keep=keep, kind=kind,
             info=info, files=files)
     return final
@@ -101,7 +108,8 @@ def _finish(error: BaseException | None, save_root: str, staging: str, final: st
     if _is_rank0() and error is None:
         try:
             model_io.write_info(staging, kind=kind, dtype=dtype, step=step, **(info or {}))
-            model_io.copy_hf_side_files(hf_dir, os.path.join(staging, model_io.HF_SUBDIR))
+            # overwrite=False: an HF export's config.json (save_hf) records its weights' dtype
+            model_io.copy_hf_side_files(hf_dir, os.path.join(staging, model_io.HF_SUBDIR), overwrite=False)
             for name, text in (files or {}).items():
                 with open(os.path.join(staging, name), "w") as f:
                     f.write(text)
@@ -113,6 +121,25 @@ def _finish(error: BaseException | None, save_root: str, staging: str, final: st
     message = _agreed_error(error, staging, save_root)
     if message is not None:
         raise model_io.CheckpointError(message)
+
+
+def _export_hf(hf_export, save_root: str, staging: str) -> None:
+    """checkpoint.save_hf: `hf_export(<staging>/hf)` on every rank (the model as it is now: an asynchronous save
+    exports before training goes on); a failure on any rank removes the staging directory and raises
+    CheckpointError on every rank. Collective."""
+    if hf_export is None:
+        return
+    error = None
+    try:
+        if _is_rank0():
+            os.makedirs(os.path.join(staging, model_io.HF_SUBDIR), exist_ok=True)
+        _barrier()
+        hf_export(os.path.join(staging, model_io.HF_SUBDIR))
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        error = e
+    message = _agreed_error(error, staging, save_root)
+    if message is not None:
+        raise model_io.CheckpointError(f"HF export (checkpoint.save_hf): {message}")
 
 
 # The test hook of asynchronous saves: with this set to a directory, each save's writer process first creates
@@ -146,7 +173,7 @@ class AsyncSaver:
 
     def save(self, save_root: str, step: int, state: dict, *, hf_dir: str, dtype: torch.dtype,
              keep: int | None = None, kind: str = "training", info: dict | None = None,
-             files: dict[str, str] | None = None) -> str:
+             files: dict[str, str] | None = None, hf_export=None) -> str:
         """Start saving `state` as `<save_root>/step_<step>` (arguments as `save_checkpoint`); returns the path it
         will have. A failure to plan raises CheckpointError at once on every rank; a failure to write, when the
         save is finalized (`poll`, `wait`, the next `save`)."""
@@ -165,6 +192,9 @@ class AsyncSaver:
         message = _agreed_error(error, staging, save_root)
         if message is not None:
             raise model_io.CheckpointError(message)
+        # synchronous, before training goes on: the weights of this step (after megatron's planning, which expects
+        # an empty directory; the forked writer starts when the request is scheduled below)
+        _export_hf(hf_export, save_root, staging)
         finalizers = list(request.finalize_fns)
 
         def finalize() -> None:

@@ -78,17 +78,71 @@ def read_info(ckpt_dir: str) -> CheckpointInfo:
     return CheckpointInfo(ckpt_dir, info["kind"], info["dtype"], info.get("step"), info.get("source"))
 
 
-def copy_hf_side_files(src_dir: str, dst_dir: str) -> list[str]:
-    """Copy config, tokenizer, processor and chat-template files (everything but weights and their index)."""
+def copy_hf_side_files(src_dir: str, dst_dir: str, *, overwrite: bool = True) -> list[str]:
+    """Copy config, tokenizer, processor and chat-template files (everything but weights and their index);
+    `overwrite=False` keeps files `dst_dir` already has (an HF export's own config.json)."""
     os.makedirs(dst_dir, exist_ok=True)
     copied = []
     for name in sorted(os.listdir(src_dir)):
         src = os.path.join(src_dir, name)
         if not os.path.isfile(src) or name.endswith(WEIGHT_SUFFIXES) or name in WEIGHT_INDEX_FILES:
             continue
+        if not overwrite and os.path.exists(os.path.join(dst_dir, name)):
+            continue
         shutil.copy2(src, os.path.join(dst_dir, name))
         copied.append(name)
     return copied
+
+
+# -- what model.init_from names --------------------------------------------------------------------------------
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")  # conversion/hf_io.py: INDEX_FILE, SINGLE_FILE
+CHECKPOINT, HF_MODEL = "checkpoint", "hf"
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """What `model.init_from` names: one of our checkpoints (`kind` CHECKPOINT: a converted one, a training step,
+    save or run directory; `path` resolved to the step directory) or an HF model directory (`kind` HF_MODEL:
+    config.json + safetensors, released or transformers-5 expert layout, streamed into the run's layout)."""
+
+    kind: str
+    path: str
+
+    @property
+    def hf_dir(self) -> str:
+        """The directory with config.json and the tokenizer / processor files."""
+        return os.path.join(self.path, HF_SUBDIR) if self.kind == CHECKPOINT else self.path
+
+
+def is_hf_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHT_FILES)
+
+
+def init_source(path: str, *, key: str = "model.init_from") -> InitSource:
+    """Tell a checkpoint of ours from an HF model directory; CheckpointError naming what was expected otherwise."""
+    resolved = resolve_checkpoint_dir(path)
+    if os.path.isfile(os.path.join(resolved, META_FILE)):
+        return InitSource(CHECKPOINT, resolved)
+    if is_hf_model_dir(path):
+        return InitSource(HF_MODEL, path)
+    expected = (f"expected a qwenvl-mcore checkpoint (a directory with {META_FILE}: tools/convert/hf2mcore.py's "
+                "output, a training step directory, its save directory with `latest`, or a trainer.dir) or an HF "
+                f"model directory (config.json with {HF_WEIGHT_FILES[1]} or {HF_WEIGHT_FILES[0]})")
+    if not os.path.isdir(path):
+        found = "no such directory"
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        weights = sorted(n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES) or n in WEIGHT_INDEX_FILES)
+        found = (f"it has config.json but {'only ' + ', '.join(weights[:3]) if weights else 'no weight files'}: only "
+                 "safetensors HF checkpoints are read (save it with save_pretrained(safe_serialization=True))")
+    elif any(n.endswith(".safetensors") for n in os.listdir(path)):
+        found = "it has safetensors files but no config.json"
+    elif os.path.isdir(os.path.join(path, "checkpoints")):
+        found = (f"a training run directory without a complete checkpoint yet "
+                 f"({os.path.join(path, 'checkpoints', 'latest')} is missing)")
+    else:
+        found = "it holds neither"
+    raise CheckpointError(f"{key}={path}: {found}; {expected}.")
 
 
 # -- the model's sharded state --------------------------------------------------------------------------------

@@ -144,6 +144,21 @@ class SafetensorsReader:
                 raise HFCheckpointError(f"{self.dir / info.file}: truncated while reading {name}.")
         return buf.view(info.dtype).reshape(info.shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor's first dimension, reading only their bytes (contiguous in the file)."""
+        if name not in self.infos:
+            raise KeyError(f"tensor {name} is not in {self.dir}")
+        info = self.infos[name]
+        if not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of {name} {list(info.shape)}")
+        row = math.prod(info.shape[1:]) * info.dtype.itemsize
+        buf = torch.empty((stop - start) * row, dtype=torch.uint8)
+        with open(self.dir / info.file, "rb") as f:
+            f.seek(info.start + start * row)
+            if f.readinto(memoryview(buf.numpy())) != buf.numel():
+                raise HFCheckpointError(f"{self.dir / info.file}: truncated while reading {name}.")
+        return buf.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+
 
 def parse_size(text: str | int) -> int:
     """'5GB' / '500MB' / '200KB' (decimal) / '5GiB' / '500MiB' (binary) / bytes -> a positive number of bytes,

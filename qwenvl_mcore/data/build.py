@@ -50,12 +50,9 @@ def processor_from_config(cfg: DictConfig):
     if cfg.data.processor:
         return AutoProcessor.from_pretrained(cfg.data.processor)
     if cfg.model.init_from:
-        import os
-
         from qwenvl_mcore.checkpoint import model_io
 
-        return AutoProcessor.from_pretrained(os.path.join(model_io.resolve_checkpoint_dir(cfg.model.init_from),
-                                                          model_io.HF_SUBDIR))
+        return AutoProcessor.from_pretrained(model_io.init_source(cfg.model.init_from).hf_dir)
     if cfg.model.flavor == "debug":
         from qwenvl_mcore.models.qwen3_vl_moe import debug_assets
 

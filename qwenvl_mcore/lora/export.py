@@ -198,6 +198,25 @@ class MergeLoRA:
         return w.to(torch.float32) + self.scale * delta
 
 
+def live_merger(chunks: list, args, lora: LoRAConfig) -> MergeLoRA:
+    """MergeLoRA of the adapters of this rank's pipeline stage in a live model, for an HF export of the run
+    (checkpoint.save_hf: conversion/live.py applies it to each HF tensor). Collective over TP/EP/ETP (the adapters
+    are gathered with peft_io.gather_peft_tensors)."""
+    from qwenvl_mcore.conversion import engine
+    from qwenvl_mcore.lora import peft_io
+
+    targets = lora.target_set()
+    tensors = peft_io.gather_peft_tensors(chunks, args, targets=targets)
+    weights = {}
+    for chunk in chunks:
+        model = engine._unwrap(chunk)
+        for local, p in model.named_parameters():
+            if getattr(p, "lora", False):
+                name = engine.global_name(model, local)
+                weights[peft_io.peft_key(name, targets)] = peft_io.hf_weight_name(name)
+    return MergeLoRA(tensors, weights, lora.scale)
+
+
 def merge_lora(mcore: str, out: str, *, base: str | None = None, config_dir: str | None = None,
                dtype: str | None = None, expert_layout: str = "released", max_shard_size: str | int = "5GB",
                procs: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
@@ -238,5 +257,5 @@ def merge_lora(mcore: str, out: str, *, base: str | None = None, config_dir: str
     return result
 
 
-__all__ = ["KIND", "LoRACheckpoint", "MergeLoRA", "adapter_layout", "export_adapter", "merge_lora",
+__all__ = ["KIND", "LoRACheckpoint", "MergeLoRA", "adapter_layout", "export_adapter", "live_merger", "merge_lora",
            "read_lora_checkpoint", "read_peft_tensors"]

@@ -62,6 +62,8 @@ def base_hash(ckpt: str) -> str:
     the same source changes them). Reads no large tensor."""
     from qwenvl_mcore.checkpoint import dcp
 
+    if model_io.init_source(ckpt).kind == model_io.HF_MODEL:
+        return _hf_base_hash(ckpt)
     info = model_io.read_info(ckpt)
     with open(os.path.join(info.hf_dir, "config.json")) as f:
         config = json.load(f)
@@ -78,13 +80,35 @@ def base_hash(ckpt: str) -> str:
     return h.hexdigest()
 
 
+def _hf_base_hash(hf_dir: str) -> str:
+    """base_hash of an HF model directory: its config.json, its weight index (every tensor's name, shape and dtype,
+    from the safetensors headers; not how they are split into files) and the values of its `_SAMPLED_TENSORS`
+    smallest tensors. Another identity than the checkpoint hf2mcore converts from it (a LoRA run resumes with the
+    base it started from, in the same form)."""
+    from qwenvl_mcore.conversion import hf_io
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    reader = hf_io.SafetensorsReader(hf_dir)
+    index = sorted((k, list(i.shape), str(i.dtype)) for k, i in reader.infos.items())
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": config, "kind": "hf", "index": index}, sort_keys=True).encode())
+    smallest = sorted(reader.infos, key=lambda k: (reader.infos[k].nbytes, k))[:_SAMPLED_TENSORS]
+    for key in smallest:
+        h.update(key.encode())
+        h.update(reader.get(key).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def base_reference(init_from: str | None) -> dict:
-    """{path, hash} of the base a LoRA run starts from (model.init_from, resolved like the trainer resolves it)."""
+    """{path, hash} of the base a LoRA run starts from (model.init_from, resolved like the trainer resolves it: a
+    checkpoint of ours or an HF model directory)."""
     if not init_from:
         raise LoRAConfigError("peft=lora needs model.init_from: the frozen base the adapters train on.")
-    ckpt = model_io.resolve_checkpoint_dir(init_from)
-    refuse_as_base(model_io.read_info(ckpt))
-    return {"path": os.path.abspath(ckpt), "hash": base_hash(ckpt)}
+    source = model_io.init_source(init_from)
+    if source.kind == model_io.CHECKPOINT:
+        refuse_as_base(model_io.read_info(source.path))
+    return {"path": os.path.abspath(source.path), "hash": base_hash(source.path)}
 
 
 def checkpoint_record(lora: LoRAConfig, base: dict) -> dict:

@@ -32,8 +32,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConf:
     flavor: str = "debug"  # debug | qwen3_vl_30b_a3b | qwen3_vl_235b_a22b
-    # A converted checkpoint (tools/convert/hf2mcore.py) or a training step/save directory whose weights start the
-    # run; its architecture must be the flavor's. None: random initialisation.
+    # A converted checkpoint (tools/convert/hf2mcore.py), a training step/save directory, or an HF model directory
+    # (config.json + safetensors, streamed in at start-up) whose weights start the run; the architecture is the
+    # checkpoint's (flavor is then unused). None: random initialisation of the flavor.
     init_from: Optional[str] = None
     dtype: str = "fp32"  # fp32 | bf16: parameters and compute (the optimizer keeps fp32 master weights)
     aux_loss_coeff: Optional[float] = None  # None: text_config.router_aux_loss_coef
@@ -100,6 +101,10 @@ class CheckpointConf:
     resume: bool = True  # continue from dir/latest when it exists
     fallback: bool = False  # latest damaged (truncated, garbage, refused): resume from the newest intact checkpoint
     async_save: bool = False  # periodic saves written by a forked process as training goes on (checkpoint/manager.py)
+    # HF safetensors (released expert layout, index, config, processor files; LoRA merged) in <step dir>/hf:
+    # none | every (each checkpoint) | final (the one written when the run reaches trainer.steps)
+    save_hf: str = "none"
+    hf_max_shard_size: str = "5GB"  # per safetensors file of save_hf (5GB, 500MB, 4GiB, or bytes)
 
 
 @dataclass
@@ -147,6 +152,7 @@ _CHOICES = {
     "data.overlong": ("drop", "truncate_text", "error"),
     "data.train_on": ("all", "last"),
     "logging.wandb_mode": ("offline", "online"),
+    "checkpoint.save_hf": ("none", "every", "final"),
 }
 
 
@@ -196,6 +202,12 @@ def validate(cfg: DictConfig) -> None:
         if value not in choices:
             raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}.")
     _check_numbers(cfg)
+    try:
+        from qwenvl_mcore.conversion.hf_io import parse_size
+
+        parse_size(cfg.checkpoint.hf_max_shard_size)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.hf_max_shard_size: {e}") from None
     if cfg.data.packing and cfg.data.micro_batch_size != 1:
         raise ConfigError(f"data.packing=true makes each micro-batch one packed sequence of data.seq_length tokens: "
                           f"set data.micro_batch_size=1 (got {cfg.data.micro_batch_size}) or data.packing=false.")
@@ -231,8 +243,8 @@ def _check_lora(cfg: DictConfig, lora: LoRAConfig) -> None:
     """peft=lora trains adapters on a frozen base (qwenvl_mcore/lora/training.py): the base must be given, and the
     model.freeze_* switches, which choose what full training trains, have no meaning there."""
     if not cfg.model.init_from:
-        raise ConfigError("peft=lora trains adapters on a frozen base: set model.init_from=<a converted checkpoint "
-                          "(tools/convert/hf2mcore.py) or a training checkpoint>.")
+        raise ConfigError("peft=lora trains adapters on a frozen base: set model.init_from=<an HF model directory, a "
+                          "converted checkpoint (tools/convert/hf2mcore.py) or a training checkpoint>.")
     frozen = [k for k in ("freeze_vision", "freeze_merger", "freeze_language") if cfg.model[k]]
     if frozen:
         raise ConfigError(f"model.{frozen[0]}=true with peft=lora: the base is frozen whole and peft.targets choose "

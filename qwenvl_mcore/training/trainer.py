@@ -92,46 +92,59 @@ class Run:
 
 
 # -- building ------------------------------------------------------------------------------------------------------
-def model_source(cfg: DictConfig) -> tuple[object, str | None, str | None]:
-    """(model args, HF side-file directory or None, checkpoint to initialise from or None). A checkpoint's
-    architecture must be the flavor's: a mismatch is an error naming both."""
-    flavor_args = args_from_hf_config(flavor_hf_config(cfg.model.flavor))
+def model_source(cfg: DictConfig) -> tuple[object, model_io.InitSource | None]:
+    """(model args, what model.init_from names or None). With model.init_from the architecture is the checkpoint's
+    (its config.json; model.flavor is not used), so any Qwen3-VL MoE shape trains; without it, the flavor's."""
     if not cfg.model.init_from:
-        return flavor_args, None, None
-    ckpt = model_io.resolve_checkpoint_dir(cfg.model.init_from)
-    lora_training.refuse_as_base(model_io.read_info(ckpt))
-    hf_dir = os.path.join(ckpt, model_io.HF_SUBDIR)
-    args = args_from_hf_config(load_hf_config(hf_dir))
-    if args != flavor_args:
-        differ = [k for k, v in args.as_dict()["text"].items() if flavor_args.as_dict()["text"][k] != v]
-        differ += [f"vision.{k}" for k, v in args.as_dict()["vision"].items() if flavor_args.as_dict()["vision"][k] != v]
-        raise ConfigError(f"model.init_from={cfg.model.init_from} holds another architecture than "
-                          f"model.flavor={cfg.model.flavor} (differs in {', '.join(differ) or 'token ids'}): "
-                          "choose the flavor of the checkpoint.")
-    return args, hf_dir, ckpt
+        return args_from_hf_config(flavor_hf_config(cfg.model.flavor)), None
+    source = model_io.init_source(cfg.model.init_from)
+    if source.kind == model_io.CHECKPOINT:
+        lora_training.refuse_as_base(model_io.read_info(source.path))
+    return args_from_hf_config(load_hf_config(source.hf_dir)), source
 
 
-def _prepare_hf_dir(cfg: DictConfig, args, source_hf_dir: str | None) -> str:
-    """The HF side files a checkpoint carries: the init checkpoint's, else <trainer.dir>/hf written once here
-    (the flavor's config in the released spelling, and the processor from data.processor or the tiny one)."""
-    if source_hf_dir is not None:
-        return source_hf_dir
+def _check_hf_source(source: model_io.InitSource, args) -> dict:
+    """The HF directory's tensor headers, checked against its config (shards complete, no tensor missing or
+    unknown, shapes in either expert layout) before anything is read; CheckpointError naming the problem."""
+    from qwenvl_mcore.conversion.convert import ConversionError, check_hf_checkpoint
+    from qwenvl_mcore.conversion.hf_io import HFCheckpointError
+
+    try:
+        return check_hf_checkpoint(source.path, args, load_hf_config(source.path))
+    except (ConversionError, HFCheckpointError) as e:
+        raise model_io.CheckpointError(f"model.init_from={source.path}: {e}") from None
+
+
+def _prepare_hf_dir(cfg: DictConfig, args, source: model_io.InitSource | None, infos: dict | None = None) -> str:
+    """The HF side files a checkpoint carries: a converted or training checkpoint's hf/; else <trainer.dir>/hf
+    written once here: from an HF model directory its processor files and its config in the released spelling
+    (what hf2mcore writes into a converted checkpoint's hf/), without model.init_from the flavor's config and the
+    processor from data.processor or the tiny one."""
+    if source is not None and source.kind == model_io.CHECKPOINT:
+        return source.hf_dir
     out = os.path.join(cfg.trainer.dir, "hf")
     if dist.get_rank() == 0:
-        import json
-
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(released_config_dict(args.hf_config), f, indent=2)
+        if source is not None:
+            from qwenvl_mcore.conversion.convert import _write_config
+
+            model_io.copy_hf_side_files(source.path, out)
+            _write_config(os.path.join(out, "config.json"), load_hf_config(source.path),
+                          next(iter(infos.values())).dtype)
+        else:
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(released_config_dict(args.hf_config), f, indent=2)
         if cfg.data.processor:
             model_io.copy_hf_side_files(cfg.data.processor, out)
+        elif source is not None:
+            pass
         elif cfg.model.flavor == "debug":
             from qwenvl_mcore.models.qwen3_vl_moe import debug_assets
 
             debug_assets.build_processor(debug_assets.build_tokenizer()).save_pretrained(out)
         else:
             raise ConfigError(f"model.flavor={cfg.model.flavor} without model.init_from needs data.processor=<dir with "
-                              "the tokenizer and processor files> (or start from a converted checkpoint).")
+                              "the tokenizer and processor files> (or start from a checkpoint or HF directory).")
     dist.barrier()
     return out
 
@@ -315,9 +328,10 @@ def _choose_resume(cfg: DictConfig) -> tuple[str | None, int | None]:
 def build_run(cfg: DictConfig, start: RunStart) -> Run:
     """Everything the run needs (start_run has started the process group and chosen the checkpoint)."""
     layout = layout_of(cfg)
-    args, source_hf_dir, init_ckpt = model_source(cfg)
+    args, source = model_source(cfg)
     validate_layout(args, layout, dist.get_world_size())
-    hf_dir = _prepare_hf_dir(cfg, args, source_hf_dir)
+    hf_infos = _check_hf_source(source, args) if source is not None and source.kind == model_io.HF_MODEL else None
+    hf_dir = _prepare_hf_dir(cfg, args, source, hf_infos)
     processor = _load_processor(cfg, hf_dir)
     if cfg.optim.cpu_offload and not torch.cuda.is_available():
         raise ConfigError("optim.cpu_offload=true moves optimizer states from the GPU to the host: it needs a GPU; "
@@ -326,8 +340,13 @@ def build_run(cfg: DictConfig, start: RunStart) -> Run:
                                 **_recompute_overrides(cfg))
     resume_from = start.resume_from
     lora = lora_training.lora_config(cfg)
-    if init_ckpt is not None and (resume_from is None or lora.enabled):  # a LoRA checkpoint holds no base weights
-        model_io.load_model(init_ckpt, chunks)
+    if source is not None and (resume_from is None or lora.enabled):  # a LoRA checkpoint holds no base weights
+        if source.kind == model_io.HF_MODEL:  # each rank streams its own shards' bytes (conversion/live.py)
+            from qwenvl_mcore.conversion import live
+
+            live.load_hf_dir(chunks, source.path, args, hf_infos)
+        else:
+            model_io.load_model(source.path, chunks)
     if lora.enabled:  # after the base is loaded, before DDP: only the adapters get gradient buffers and Adam state
         try:
             lora_training.prepare(chunks, lora)
@@ -372,9 +391,35 @@ def _sharded_training_state(run: Run, *, is_loading: bool, with_rng: bool) -> di
     return state
 
 
-def save_training_checkpoint(run: Run, saver: manager.AsyncSaver | None = None) -> str:
+def hf_exporter(run: Run):
+    """checkpoint.save_hf: the function that writes the run's model as HF safetensors into a checkpoint's hf/
+    (conversion/live.py: gathered one parameter at a time, one writer per pipeline stage; released expert layout;
+    config.json recording the weights' dtype; with peft=lora the adapters merged, W + scale * B @ A in fp32 as
+    mcore2hf --merge-lora does). Collective."""
+    from qwenvl_mcore.conversion import hf_io, live
+    from qwenvl_mcore.conversion.convert import _write_config
+
+    chunks = [unwrap(c) for c in run.chunks]
+    dtype = DTYPES[run.cfg.model.dtype]
+    max_bytes = hf_io.parse_size(run.cfg.checkpoint.hf_max_shard_size)
+
+    def export(out: str) -> None:
+        adjust = None
+        if run.lora_base is not None:
+            from qwenvl_mcore.lora.export import live_merger
+
+            adjust = live_merger(chunks, run.args, lora_training.lora_config(run.cfg))
+        live.write_hf_dir(chunks, run.args, out, max_shard_bytes=max_bytes, dtype=dtype, adjust=adjust)
+        if dist.get_rank() == 0:
+            _write_config(os.path.join(out, "config.json"), load_hf_config(run.hf_dir), dtype)
+
+    return export
+
+
+def save_training_checkpoint(run: Run, saver: manager.AsyncSaver | None = None, *, hf: bool = False) -> str:
     """Save the run's state as checkpoint.dir/step_<step>. With `saver` (checkpoint.async_save=true) the save is
-    only started: `latest` moves when saver.poll/wait finalizes it, once every rank has written it."""
+    only started: `latest` moves when saver.poll/wait finalizes it, once every rank has written it. `hf`: the step
+    directory's hf/ also gets the model as HF safetensors (checkpoint.save_hf), written before it is published."""
     allocate_optimizer_state(run.optimizer)  # before the first good step torch's Adam has no state to save
     state = _sharded_training_state(run, is_loading=False, with_rng=True)
     state["training"] = {
@@ -389,7 +434,8 @@ def save_training_checkpoint(run: Run, saver: manager.AsyncSaver | None = None) 
     save = saver.save if saver is not None else manager.save_checkpoint
     return save(run.cfg.checkpoint.dir, run.state.step, state, hf_dir=run.hf_dir, dtype=DTYPES[run.cfg.model.dtype],
                 keep=run.cfg.checkpoint.keep, kind=kind, info=info,
-                files={"config.yaml": OmegaConf.to_yaml(run.cfg, resolve=True)})
+                files={"config.yaml": OmegaConf.to_yaml(run.cfg, resolve=True)},
+                hf_export=hf_exporter(run) if hf else None)
 
 
 def load_training_checkpoint(run: Run, ckpt: str) -> None:
@@ -604,10 +650,11 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                 status = PREEMPTED
                 break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.trainer.steps:
-                save_training_checkpoint(run, saver)
+                save_training_checkpoint(run, saver, hf=cfg.checkpoint.save_hf == "every")
         if saver is not None:
             saver.wait()  # a stop, too, lets the write in flight finish and publishes it before the last save
-        path = save_training_checkpoint(run)
+        path = save_training_checkpoint(run, hf=cfg.checkpoint.save_hf == "every" or (
+            cfg.checkpoint.save_hf == "final" and status == COMPLETED))
         finished = True
         if writer:
             writer.message({COMPLETED: f"[train] done at step {run.state.step}; checkpoint {path}",

@@ -4,7 +4,7 @@ checkpoint, with 20 synthetic samples of uneven length (so loss tokens differ ac
 - parallelism invariance: 10 steps of one global batch (8 samples) at DP4, TP2xEP2 (DP2), PP2xDP2, ETP2, uneven
   PP3 (2/1/1 layers), CP2xTP2xEP2 and CP2xEP2 (DP2) give the single-rank run's losses within 1e-5 and grad norms
   within 1e-4 relative, the same load-balancing loss, and that loss equals transformers' formula on the same batch;
-  a CP2xTP2xEP2 checkpoint resumed on one rank continues the trajectory;
+  a CP2xTP2xEP2 checkpoint resumed on one rank continues the trajectory, resumed at CP2xTP2xEP2 bit for bit;
 - overfitting: the loss falls by half in 30 steps at TP2/EP2/SP and at PP2;
 - resume: a run stopped by SIGTERM and started again gives the straight run's losses and final weights bit for bit;
   resumed at another layout (TP2/EP2 -> TP1/EP4, PP2 -> PP1) it stays within 1e-5 and its Adam moments are the saved
@@ -61,6 +61,10 @@ LAYOUTS = {
     "cp2_tp2_ep2": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true"]),
     "cp2_ep2": (4, ["parallel.cp=2", "parallel.ep=2"]),
 }
+
+
+# straight runs that other tests continue past step 10 (one run per layout: its directory is named after it)
+LONGER = {"tp2_ep2": STEPS, "pp2": STEPS, "cp2_tp2_ep2": 12}
 
 
 @functools.cache
@@ -133,7 +137,7 @@ def close(a: list[dict], b: list[dict], *, loss_tol: float, norm_rel: float, aux
 @pytest.mark.parametrize("name", ["dp4", "tp2_ep2", "pp2", "etp2", "pp3_uneven", "cp2_tp2_ep2", "cp2_ep2"])
 def test_layouts_give_the_single_rank_run(name):
     ref = straight("single")
-    ours = straight(name, STEPS if name in ("tp2_ep2", "pp2") else 10)[:10]
+    ours = straight(name, LONGER.get(name, 10))[:10]
     assert len(ref) == len(ours) == 10 and not any(m["skipped"] for m in ref + ours)
     assert ours[0]["loss_tokens"] == ref[0]["loss_tokens"]
     assert len({m["loss_tokens"] for m in ref}) > 1  # uneven batches
@@ -276,12 +280,29 @@ def test_resume_from_context_parallel_on_one_rank():
     """A checkpoint saved at CP2 x TP2 x EP2 (step 10) resumed on one rank (CP1) continues the trajectory: steps
     11-20 within 1e-5 (loss), 1e-4 relative (grad norm) and 1e-6 (aux) of the straight run."""
     ref = straight("tp2_ep2", STEPS)
-    straight("cp2_tp2_ep2")
+    straight("cp2_tp2_ep2", LONGER["cp2_tp2_ep2"])
     run_dir = _resume_elsewhere(WORK / "straight_cp2_tp2_ep2", 10, "single", "cp1")
     train("single", run_dir, 20)
     ours = metrics(run_dir)
     assert [m["step"] for m in ours] == list(range(11, 21))
     assert close(ours, ref[10:20], loss_tol=1e-5, norm_rel=1e-4, aux_tol=1e-6) == []
+
+
+def test_resume_at_context_parallel_is_bit_identical():
+    """The CP2 x TP2 x EP2 run's step-10 checkpoint resumed at the same layout gives steps 11-12 and the final
+    weights of the straight run bit for bit."""
+    steps = LONGER["cp2_tp2_ep2"]
+    ref = straight("cp2_tp2_ep2", steps)
+    run_dir = _resume_elsewhere(WORK / "straight_cp2_tp2_ep2", 10, "cp2_tp2_ep2", "cp2")
+    train("cp2_tp2_ep2", run_dir, steps)
+    ours = metrics(run_dir)
+    assert [m["step"] for m in ours] == list(range(11, steps + 1))
+    for key in ("loss", "grad_norm", "aux_loss", "sample_ids", "lr"):
+        assert [m[key] for m in ours] == [m[key] for m in ref[10:]], key
+    final = f"checkpoints/step_{steps:07d}"
+    a, b = model_tensors(WORK / "straight_cp2_tp2_ep2" / final), model_tensors(run_dir / final)
+    assert a.keys() == b.keys() and len(a) == 45
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 # -- logging and export --------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Check our megatron model against transformers on an HF Qwen3-VL MoE checkpoint, at a chosen parallel layout.
 
-    python tools/convert/verify.py --hf DIR [--mcore DIR] [--adapter DIR] [--tp N --ep N --etp N --pp N]
+    python tools/convert/verify.py --hf DIR [--mcore DIR] [--adapter DIR] [--tp N --ep N --etp N --pp N --cp N]
                                    [--first-stage-layers N] [--last-stage-layers N] [--dtype fp32|bf16]
+                                   [--packed] [--data FILE [--samples N]]
 
 Starts its own ranks (gloo on the CPU, one process per rank), runs transformers on --hf and our model on the same
 weights (read from --hf, or from the megatron checkpoint --mcore converted from it) and a built-in
@@ -15,6 +16,19 @@ adapter's tensors (qwenvl_mcore.lora.peft_io). The adapter must be one for Qwen3
 
 --first-stage-layers / --last-stage-layers give the first / last pipeline stage their own LLM layer counts (uneven
 stages, as parallel.first_stage_layers / parallel.last_stage_layers); an impossible split exits 2 naming the fix.
+
+--cp N splits every row over N context-parallel ranks (parallel.cp; world = lcm(tp*cp, ep*etp) * pp ranks).
+
+--packed feeds training samples (rendered with training's labels: the assistant answers) packed into one row, as
+data.packing packs them (attention within each sample, MRoPE positions per sample), and compares each sample's
+logits and loss with transformers run on that sample alone; the JSON adds loss_rel_diff,
+max_sample_loss_rel_diff, samples, tokens and rows. Without --data the samples are built in: an image + video, a
+text, an image and a video conversation.
+
+--data FILE [--samples N] (default 4) takes the first N usable records of a dataset file (JSONL in the messages /
+ShareGPT / OpenAI formats, or parquet; skipped records are listed on stderr), rendered by --hf's processor as
+training renders them (data.* defaults), each alone as a one-row micro-batch, or packed into one row with --packed.
+A missing file, a file without a usable record or --samples < 1 exits 2 naming the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 
 import torch
@@ -31,7 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwargs: dict, dtype_name: str,
-          adapter: str | None = None) -> dict:
+          adapter: str | None = None, samples: list | None = None, packed: bool = False) -> dict:
     from transformers import AutoProcessor, Qwen3VLMoeForConditionalGeneration
 
     from qwenvl_mcore.checkpoint.model_io import load_model
@@ -54,7 +69,7 @@ def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwar
         hf = PeftModel.from_pretrained(hf, adapter).get_base_model()  # the adapters stay in its modules
     hf = hf.eval().to(device())
     processor = AutoProcessor.from_pretrained(hf_dir)
-    batch = tiny.sample_inputs(processor, "image_video").to(device())
+    batch = tiny.sample_inputs(processor, "image_video").to(device()) if samples is None else None
     chunks = [c.to(device()).eval() for c in build_model_chunks(args, layout, dtype=dtype)]
     if mcore_dir:
         load_model(mcore_dir, chunks)
@@ -71,9 +86,15 @@ def _rank(rank: int, world: int, hf_dir: str, mcore_dir: str | None, layout_kwar
         lora = adapter_dir.adapter_settings(adapter, config, shapes, what=what)
         apply_lora(chunks, dataclasses.replace(lora, dropout=0.0), init=False)  # eval: no dropout either way
         adapter_dir.load_init_adapter(chunks, args, adapter, what=what)
-    report = parity.compare_forward(chunks, hf, batch)  # None except on the last pipeline stage
+    if samples is None:
+        report = parity.compare_forward(chunks, hf, batch)  # None except on the last pipeline stage
+    else:
+        from qwenvl_mcore.testing.sample_parity import compare_samples
+
+        report = compare_samples(chunks, hf, samples, packed=packed, pad_token_id=processor.tokenizer.pad_token_id)
     if report is not None:
-        report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name, adapter=adapter)
+        report.update(layout=layout.as_dict(), world_size=world, dtype=dtype_name, adapter=adapter, cp=layout.cp,
+                      packed=packed)
     return report
 
 
@@ -85,12 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks each row is split over")
     p.add_argument("--first-stage-layers", type=int, default=None,
                    help="LLM layers on the first pipeline stage (uneven stages; default: an even share)")
     p.add_argument("--last-stage-layers", type=int, default=None,
                    help="LLM layers on the last pipeline stage (uneven stages; default: an even share)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--adapter", help="HF PEFT LoRA adapter directory, applied to both models")
+    p.add_argument("--packed", action="store_true",
+                   help="pack the samples into one row as training does (built-in samples unless --data)")
+    p.add_argument("--data", help="dataset file (JSONL or parquet) whose first --samples usable records are checked")
+    p.add_argument("--samples", type=int, default=None, help="records of --data to check (default 4)")
     a = p.parse_args(argv)
 
     from qwenvl_mcore import library_noise
@@ -103,11 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl_mcore.parallel import LayoutError, ParallelLayout
     from qwenvl_mcore.testing.dist import run_on_ranks
 
-    layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, sequence_parallel=a.tp > 1,
+    from qwenvl_mcore.testing.sample_parity import VerifyDataError, builtin_samples, dataset_samples
+
+    layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, cp=a.cp, sequence_parallel=a.tp > 1,
                             first_stage_layers=a.first_stage_layers, last_stage_layers=a.last_stage_layers)
-    world = math.lcm(a.tp, a.ep * a.etp) * a.pp
-    mcore = None
+    mcore = samples = None
     try:
+        if a.samples is not None and a.data is None:
+            raise VerifyDataError(f"--samples {a.samples} needs --data FILE (the dataset whose records to check).")
+        if a.samples is not None and a.samples < 1:
+            raise VerifyDataError(f"--samples {a.samples}: give at least 1 (the number of records of --data to "
+                                  "check).")
+        if a.data is not None and not os.path.isfile(a.data):
+            raise VerifyDataError(f"--data {a.data} does not exist or is not a file: give a JSONL (messages, "
+                                  "ShareGPT or OpenAI format) or parquet dataset file.")
+        layout.validate()  # the sizes themselves (--cp 0 ...) before the world size is computed from them
+        world = math.lcm(a.tp * a.cp, a.ep * a.etp) * a.pp
         validate_layout(args_from_hf_config(load_hf_config(a.hf)), layout, world)
         if a.mcore:
             mcore = resolve_checkpoint_dir(a.mcore)
@@ -118,11 +155,26 @@ def main(argv: list[str] | None = None) -> int:
             what = f"--adapter {a.adapter}"
             config, shapes = adapter_dir.read_adapter(a.adapter, what=what)
             adapter_dir.adapter_settings(a.adapter, config, shapes, what=what).validate()
-    except (LayoutError, ModelConfigError, CheckpointError, LoRAConfigError) as e:
+        if a.data is not None or a.packed:  # rendered here once; every rank gets the same samples
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(a.hf)
+            if a.data is not None:
+                samples, skipped = dataset_samples(a.data, processor, 4 if a.samples is None else a.samples)
+                for line in skipped:
+                    print(f"skipped {line}", file=sys.stderr)
+                if a.samples is not None and len(samples) < a.samples:
+                    print(f"note: --data {a.data} has {len(samples)} usable records, fewer than --samples "
+                          f"{a.samples}; checking those", file=sys.stderr)
+            else:
+                samples = builtin_samples(processor)
+    except (LayoutError, ModelConfigError, CheckpointError, LoRAConfigError, VerifyDataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = next(r for r in run_on_ranks(_rank, world, a.hf, mcore, layout.as_dict(), a.dtype, a.adapter)
-                  if r is not None)
+    report = next(r for r in run_on_ranks(_rank, world, a.hf, mcore, layout.as_dict(), a.dtype, a.adapter, samples,
+                                          a.packed) if r is not None)
+    if a.data is not None:
+        report["data"] = a.data
     print(json.dumps(report))
     return 0
 

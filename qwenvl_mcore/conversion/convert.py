@@ -317,6 +317,55 @@ def mcore_to_hf(mcore: str, out: str, *, config_dir: str | None = None, dtype: s
     return results[0]
 
 
+def hf_to_hf(hf_dir: str, out: str, *, dtype: str | None = None, expert_layout: str = "released",
+             max_shard_size: str | int = "5GB", overwrite: bool = False, adjust=None, also_reads=()) -> dict:
+    """An HF directory (either expert layout) written again as an HF directory in `expert_layout`, one tensor at a
+    time, `adjust(hf_name, tensor, expert_layout)` applied to each tensor before its cast to `dtype` (default: the
+    stored one): what mcore2hf --merge-lora does when the LoRA run's base is an HF directory (lora/export.py)."""
+    from qwenvl_mcore.conversion.live import expert_layout_of_dir
+    from qwenvl_mcore.conversion.transforms import RELEASED, TRANSFORMERS5
+
+    if expert_layout not in (RELEASED, TRANSFORMERS5):
+        raise ConversionError(f"expert layout {expert_layout!r}: choose {RELEASED!r} or {TRANSFORMERS5!r}.")
+    _check_args(1, dtype)
+    try:
+        max_bytes = hf_io.parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConversionError(f"--max-shard-size: {e}") from None
+    inputs = [hf_dir, *also_reads]
+    model_io.check_output_apart(out, inputs)
+    config = load_hf_config(hf_dir)
+    args = args_from_hf_config(config)
+    infos = check_hf_checkpoint(hf_dir, args, config)
+    reader = hf_io.SafetensorsReader(hf_dir, infos)
+    source_dtype = infos[next(iter(infos))].dtype
+    out_dtype = DTYPES[dtype] if dtype else source_dtype
+    in_ctx = Context(args, expert_layout=expert_layout_of_dir(args, infos))
+    out_ctx = Context(args, expert_layout=expert_layout)
+    rule_of, shapes = {}, {}
+    for rule, _, hf_names in rules_for(args):
+        meta = [torch.empty(infos[h].shape, dtype=infos[h].dtype, device="meta") for h in hf_names]
+        for h, t in zip(hf_names, rule.to_hf(rule.to_mcore(meta, in_ctx), out_ctx)):
+            rule_of[h], shapes[h] = (rule, hf_names), tuple(t.shape)
+    names = sorted(shapes, key=_natural)
+    size_of = {n: math.prod(shapes[n]) * out_dtype.itemsize for n in names}
+    shards = hf_io.plan_shards([(n, size_of[n]) for n in names], max_bytes)
+    with _building(out, overwrite=overwrite, inputs=inputs) as staging:
+        for i, shard in enumerate(shards):
+            tensors = {}
+            for h in shard:
+                rule, hf_names = rule_of[h]
+                outs = dict(zip(hf_names, rule.to_hf(rule.to_mcore([reader.get(n) for n in hf_names], in_ctx),
+                                                     out_ctx)))
+                t = outs[h] if adjust is None else adjust(h, outs[h], expert_layout)
+                tensors[h] = t.to(out_dtype).contiguous()
+            hf_io.write_shard(os.path.join(staging, hf_io.shard_file_name(i, len(shards))), tensors)
+        hf_io.write_index(staging, shards, sum(size_of.values()))
+        model_io.copy_hf_side_files(hf_dir, staging)
+        _write_config(os.path.join(staging, "config.json"), config, out_dtype)
+    return {"tensors": len(names), "shards": len(shards), "bytes": sum(size_of.values())}
+
+
 def run_cli(convert, **kwargs) -> int:
     """What both converter scripts do: run, print the result as one JSON line, or a clean error (exit 1; 2 for a
     UsageError; 143 when stopped by SIGTERM)."""

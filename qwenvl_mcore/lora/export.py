@@ -129,6 +129,8 @@ def _base_model_name(lora: LoRACheckpoint, base_ckpt: str, given: str | None) ->
     """adapter_config.json's base_model_name_or_path: as given, else the HF directory the base was converted from."""
     if given:
         return given
+    if model_io.is_hf_model_dir(base_ckpt) and not os.path.isfile(os.path.join(base_ckpt, model_io.META_FILE)):
+        return os.path.abspath(base_ckpt)  # the run started from this HF directory
     try:
         return model_io.read_info(base_ckpt).source
     except model_io.CheckpointError:
@@ -234,7 +236,9 @@ def merge_lora(mcore: str, out: str, *, base: str | None = None, config_dir: str
     if not os.path.exists(base_ckpt):
         raise ConversionError(f"the base of the LoRA checkpoint {lora.path}, {saved['path']}, is missing: pass "
                               "--base DIR, the base checkpoint (moved or copied; its hash must match).")
-    lora_training.refuse_as_base(model_io.read_info(base_ckpt))
+    hf_base = model_io.init_source(base_ckpt, key="the base").kind == model_io.HF_MODEL  # model.init_from=<HF dir>
+    if not hf_base:
+        lora_training.refuse_as_base(model_io.read_info(base_ckpt))
     found = lora_training.base_hash(base_ckpt)
     if found != saved["hash"]:
         raise ConversionError(
@@ -250,9 +254,15 @@ def merge_lora(mcore: str, out: str, *, base: str | None = None, config_dir: str
     unknown = merger.weights - {h for _, _, hs in rules_for(args) for h in hs}
     if unknown:  # a mapping bug, never silently unmerged
         raise RuntimeError(f"adapters target weights the export does not write: {sorted(unknown)[:5]}")
-    result = mcore_to_hf(base_ckpt, out, config_dir=config_dir, dtype=dtype, expert_layout=expert_layout,
-                         max_shard_size=max_shard_size, procs=procs, overwrite=overwrite, progress=progress,
-                         adjust=merger, also_reads=[mcore, lora.path])
+    if hf_base:  # streamed from the HF files (one process), the config and processor files the base's
+        from qwenvl_mcore.conversion.convert import hf_to_hf
+
+        result = hf_to_hf(base_ckpt, out, dtype=dtype, expert_layout=expert_layout, max_shard_size=max_shard_size,
+                          overwrite=overwrite, adjust=merger, also_reads=[mcore, lora.path])
+    else:
+        result = mcore_to_hf(base_ckpt, out, config_dir=config_dir, dtype=dtype, expert_layout=expert_layout,
+                             max_shard_size=max_shard_size, procs=procs, overwrite=overwrite, progress=progress,
+                             adjust=merger, also_reads=[mcore, lora.path])
     result.update(merged=len(merger.weights), base=os.path.abspath(base_ckpt), scale=lora.settings.scale)
     return result
 

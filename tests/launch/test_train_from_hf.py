@@ -73,3 +73,38 @@ def test_one_rank_from_hf_dir_with_save_hf_final(tmp_path):
     assert (config["num_hidden_layers"], config["num_experts"]) == (3, 6)
     report = run_on_ranks(hf_vs_checkpoint, 1, str(out), str(step_dir))[0]
     assert report["max_abs_logit_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
+
+
+def test_lora_on_an_hf_base_saves_merged_hf_equal_to_merge_lora_export(tmp_path):
+    """peft=lora on an HF directory in the transformers-5 expert layout (one rank, no torchrun), save_hf=final: the
+    step's hf/ holds the base with the adapters merged, bit-identical to `mcore2hf --merge-lora` of the same
+    checkpoint (which finds the HF base by its reference and hash); the targeted weights moved, every other one is
+    the base's (in the released layout)."""
+    import torch
+
+    from qwenvl_mcore.conversion.hf_io import SafetensorsReader
+    from qwenvl_mcore.lora import training as lora_training
+    from qwenvl_mcore.lora.export import merge_lora
+    from qwenvl_mcore.testing import tiny
+
+    base = tiny.save_tiny_hf_checkpoint(tmp_path / "base", seed=5, expert_layout="transformers5")
+    released = tiny.save_tiny_hf_checkpoint(tmp_path / "released", seed=5)
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "qwenvl_mcore.train", "peft=lora", "trainer.steps=2",
+                           "data.num_workers=0", "data.global_batch_size=2", "optim.warmup_steps=0", "optim.lr=1e-2",
+                           "logging.progress_bar=false", "logging.tensorboard=false", f"trainer.dir={run_dir}",
+                           f"model.init_from={base}", "checkpoint.save_hf=final"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step_dir = run_dir / "checkpoints" / "step_0000002"
+    info = json.loads((step_dir / "qwenvl_mcore.json").read_text())
+    assert info["kind"] == "lora" and info["base"] == lora_training.base_reference(str(base))
+    result = merge_lora(str(step_dir), str(tmp_path / "merged"), progress=False)
+    assert result["base"] == str(base.resolve()) and result["merged"] > 0
+    ours, exported = SafetensorsReader(step_dir / "hf"), SafetensorsReader(tmp_path / "merged")
+    original = SafetensorsReader(released)
+    assert ours.names() == exported.names() == original.names()
+    assert [n for n in ours.names() if not torch.equal(ours.get(n), exported.get(n))] == []
+    moved = [n for n in ours.names() if not torch.equal(ours.get(n), original.get(n))]
+    assert len(moved) == result["merged"]

@@ -3,8 +3,9 @@
 Small pure functions, each stating its formula; `plan()` puts them together for one resolved run config and
 `tools/plan_memory.py` prints the result (docs/memory.md has the derivations and the table of every preset).
 
-Notation (one rank): tp, pp, vpp, ep, etp from the layout; DP = world / (tp*pp) and EDP = world / (ep*etp*pp)
-(megatron's data-parallel and expert-data-parallel group sizes); h hidden, q = heads*head_dim, g = kv_heads*head_dim,
+Notation (one rank): tp, pp, vpp, ep, etp, cp from the layout; DP = world / (tp*pp*cp) and EDP =
+world / (ep*etp*pp) (megatron's data-parallel and expert-data-parallel group sizes: the expert-data-parallel group
+spans DP x CP); h hidden, q = heads*head_dim, g = kv_heads*head_dim,
 E experts, k = top-k, F = moe_intermediate_size, V vocabulary, L layers; s tokens of one micro-batch (a packed
 sequence, or micro_batch_size x seq_length without packing), s_t = s / tp (sequence parallelism); B bytes per
 activation element (2 for bf16, 4 for fp32). Everything is in bytes unless a name says GiB. A pipeline rank's
@@ -33,6 +34,9 @@ What is counted, and why (the code it follows):
 - optimizer_step_temp: torch's foreach Adam allocates one fp32 temporary as large as the biggest parameter group
   it updates (sqrt(exp_avg_sq)); Apex/Transformer-Engine's fused Adam does not. Counted only with adam="torch";
   it is alive at the optimizer step, when activations are gone, so the peak is static + max(activations, step temp).
+- context parallelism (cp > 1): every per-token activation, the dispatch buffers and the logits are this CP rank's
+  slice of the row (s/cp tokens); the attention keeps the K/V blocks it gathers from the whole row and the blocks'
+  causal mask biases (`cp_attention_bytes`); the ViT encodes a 1/cp share of the frames and all-gathers the features.
 - LoRA (`peft=lora`, qwenvl_mcore/lora): the whole base is frozen (its stored dtype, unpadded, no gradient, no
   optimizer state); the adapters (`lora_sites`: rank r on every targeted linear, sharded like its base) are the
   trainable parameters above, dense ones over DP, expert ones over EDP. Activations are full training's plus each
@@ -251,31 +255,70 @@ def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompu
     selective recompute (core attention, with the rotation: SDPAttention checkpoints both) drops the rotated q, k,
     the attention output, the log-sum-exp and the mask bias;
     full recompute keeps only the layer input, B*h per token (see `llm_activation_bytes`).
+    With context parallelism (layout.cp > 1) `tokens` is the whole row and every per-token term runs on this CP
+    rank's slice, s_t = s / (cp*tp); the attention terms are the CP attention's (`cp_attention_bytes`):
+      attention  N*h + B*h + N*(q + g) + 3*B*q (q picked into blocks, SDPA's output, the projection input: the
+                 blocks are index-selected copies and the output is scattered back) + 4*heads; the rotated q, k and
+                 the qkv output are not kept (index_select and the K/V all-gather keep no input)
+      + "cp_kv" (K/V blocks gathered from the whole row) and "mask_bias" (the blocks' bottom-right causal biases).
     With `lora` (a lora_sites.LoRAShape) the base's tensors are the same (its input gradients need them, and each
     adapter's A keeps the input its base linear keeps) plus "adapters", `adapter_activation_bytes`; full recompute
     recomputes them too.
     """
-    t, tp = args.text, layout.tp
+    t, tp, cp = args.text, layout.tp, layout.cp or 1
     h, d = t.hidden_size, t.head_dim
     q, g, heads = t.num_attention_heads * d, t.num_key_value_heads * d, t.num_attention_heads
     b_, n_ = act_bytes, norm_bytes(act_bytes)
-    s_t = tokens / tp
-    attention = n_ * h + b_ * h + n_ * (q + g) + b_ * (q + g) + b_ * (q + 2 * g) + b_ * q + 4 * heads
-    core = b_ * (q + g) + b_ * q + 4 * heads  # recomputed under selective recompute
+    s_t = tokens / (cp * tp)
     experts = t.num_experts_per_tok * moe_imbalance * (2 * b_ * h * layout.etp + 4 * b_ * t.moe_intermediate_size)
     moe = n_ * h + b_ * h + 12 * t.num_experts + experts
-    mask = b_ * tokens * tokens / sequences if dense_mask else 0
-    out = {"attention": int(s_t * attention), "moe": int(s_t * moe), "mask_bias": int(mask)}
+    if cp == 1:
+        attention = n_ * h + b_ * h + n_ * (q + g) + b_ * (q + g) + b_ * (q + 2 * g) + b_ * q + 4 * heads
+        core = b_ * (q + g) + b_ * q + 4 * heads  # recomputed under selective recompute
+        mask = b_ * tokens * tokens / sequences if dense_mask else 0
+        out = {"attention": int(s_t * attention), "moe": int(s_t * moe), "mask_bias": int(mask)}
+    else:
+        # context parallelism (`cp_attention_bytes`): q copied into blocks, SDPA's output and the projection input
+        # are distinct tensors, rotated q/k and the qkv output are not kept; the gathered K/V blocks and mask biases
+        attention = n_ * h + b_ * h + n_ * (q + g) + 3 * b_ * q + 4 * heads
+        core = 2 * b_ * q + 4 * heads
+        kv = cp_attention_bytes(args, layout, tokens, act_bytes)
+        out = {"attention": int(s_t * attention), "moe": int(s_t * moe), "mask_bias": kv["mask_bias"],
+               "cp_kv": kv["kv_blocks"]}
     if lora is not None:
         out["adapters"] = adapter_activation_bytes(lora_sites.language_layer_sites(args, lora.kinds), lora.rank,
-                                                   layout, tokens, act_bytes, sequence_parallel=True,
+                                                   layout, tokens / cp, act_bytes, sequence_parallel=True,
                                                    routed_rows=s_t * t.num_experts_per_tok * layout.etp * moe_imbalance)
     if recompute == "selective":
         out["attention"] -= int(s_t * core)
         out["mask_bias"] = 0
+        out.pop("cp_kv", None)
     elif recompute == "full":
         out = {"layer_input": int(s_t * b_ * h)}
     return out
+
+
+def cp_attention_bytes(args, layout, tokens: float, act_bytes: int) -> dict[str, int]:
+    """What one layer's context-parallel attention (parallel/context_parallel.py, all-gather K/V) keeps for
+    backward on one CP rank, beyond its per-token tensors, for a packed row of s = `tokens` tokens:
+      kv_blocks  2*B*K*g/tp: each of the rank's query chunks attends to its sample's chunks 0..k, index-selected
+                 from the gathered row into SDPA's key and value blocks (copies, which SDPA keeps). Rank r holds
+                 chunks r and 2cp-1-r of every sample, whose keys are chunks 0..r and 0..2cp-1-r: 2cp+1 chunks,
+                 so K = s*(2cp+1)/(2cp) key rows whatever the rank and the samples (more than the whole row).
+                 The gathered row itself ([s, 2g/tp], all-gather output) and the picked k_all / v_all are not kept
+                 (index_select keeps only its index): they live while the layer's attention runs.
+      mask_bias  B*(2cp+1)*c^2, c = s/(2cp): SDPA turns the bottom-right causal bool mask of each (query length,
+                 key length) group of blocks into a bias of [ql, kl] in the activation dtype and keeps it (the
+                 CPU's flash kernel and the GPU's memory-efficient one alike); blocks of the same lengths share one.
+                 The worst case is one sample filling the row: ql = c, kl = (r+1)*c and (2cp-r)*c; rows of several
+                 samples have smaller chunks (the bias falls with the square of the sample length).
+    """
+    cp = layout.cp or 1
+    g = args.text.num_key_value_heads * args.text.head_dim
+    keys = tokens * (2 * cp + 1) / (2 * cp)
+    chunk = tokens / (2 * cp)
+    return {"kv_blocks": int(2 * act_bytes * keys * g / layout.tp),
+            "mask_bias": int(act_bytes * (2 * cp + 1) * chunk * chunk)}
 
 
 def adapter_activation_bytes(sites, rank: int, layout, tokens: float, act_bytes: int, *, sequence_parallel: bool,
@@ -325,9 +368,11 @@ def llm_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute
                       (recomputed during its backward; our decoder block checkpoints every layer on its own)
     plus, per in-flight micro-batch: the stage input B*s_t*h (received from the previous stage) on non-first
     stages, the final norm and LM-head input (N + B)*s_t*h on the last stage, the bool mask b*(s/b)^2 (with
-    `dense_mask`) and the MRoPE angles and cos/sin tables 8*s*head_dim."""
+    `dense_mask`) and the MRoPE angles and cos/sin tables 8*s*head_dim. With context parallelism `tokens` is the
+    whole row and each term is this CP rank's slice: s_t = s / (cp*tp), the tables 8*(s/cp)*head_dim."""
     t = args.text
-    s_t = tokens / layout.tp
+    cp = layout.cp or 1
+    s_t = tokens / (cp * layout.tp)
     per_layer = sum(layer_activation_bytes(args, layout, tokens, act_bytes, recompute=recompute,
                                            moe_imbalance=moe_imbalance, sequences=sequences,
                                            dense_mask=dense_mask, lora=lora).values())
@@ -336,7 +381,7 @@ def llm_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompute
         total += sum(layer_activation_bytes(args, layout, tokens, act_bytes, recompute="none",
                                             moe_imbalance=moe_imbalance, sequences=sequences,
                                             dense_mask=dense_mask, lora=lora).values())
-    extra = (tokens * tokens / sequences if dense_mask else 0) + 8 * tokens * t.head_dim
+    extra = (tokens * tokens / sequences if dense_mask else 0) + 8 * tokens / cp * t.head_dim
     if not first:
         extra += act_bytes * s_t * t.hidden_size
     if last:
@@ -376,17 +421,19 @@ def vision_activation_bytes(args, layout, patches: int, act_bytes: int, *, visio
 
 def dispatch_bytes(args, layout, tokens: int, act_bytes: int, *, moe_imbalance: float = 1.0) -> int:
     """The alltoall token dispatcher's buffers of the layer being run: the permuted tokens it sends and the expert
-    outputs it receives back, each s_t * k * etp * imb rows of h elements: 2 * B * s_t * k * etp * imb * h."""
+    outputs it receives back, each s_t * k * etp * imb rows of h elements: 2 * B * s_t * k * etp * imb * h
+    (s_t = s / (cp*tp): a CP rank dispatches its slice's tokens)."""
     t = args.text
-    rows = tokens / layout.tp * t.num_experts_per_tok * layout.etp * moe_imbalance
+    rows = tokens / ((layout.cp or 1) * layout.tp) * t.num_experts_per_tok * layout.etp * moe_imbalance
     return int(2 * act_bytes * rows * t.hidden_size)
 
 
 def logits_bytes(args, layout, tokens: int, act_bytes: int) -> int:
     """Last stage: the LM head's logits [s, V/tp] in B bytes and the fp32 copy the vocab-parallel cross entropy
-    turns into its saved softmax in place: s * V/tp * (B + 4) (4 when the model is fp32: no copy)."""
+    turns into its saved softmax in place: s * V/tp * (B + 4) (4 when the model is fp32: no copy); with context
+    parallelism each CP rank computes the logits of its slice only: s/cp rows."""
     per = 4 + (act_bytes if act_bytes < 4 else 0)
-    return int(tokens * args.text.vocab_size / layout.tp * per)
+    return int(tokens / (layout.cp or 1) * args.text.vocab_size / layout.tp * per)
 
 
 # -- a run --------------------------------------------------------------------------------------------------------
@@ -473,13 +520,14 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
     first = pp_rank == 0
     last = pp_rank == layout.pp - 1
     act_bytes = run.param_bytes
+    cp = layout.cp or 1
     flight = in_flight_microbatches(layout.pp, layout.vpp, pp_rank, run.microbatches)
     layers = sum(len(c) for c in layout.rank_layers(args.text.num_hidden_layers, pp_rank))  # every chunk's
     out = dict(state)
     out["activations"] = llm_activation_bytes(args, layout, tokens, act_bytes, recompute=run.recompute,
                                               layers=layers, first=first, last=last, in_flight=flight,
                                               moe_imbalance=run.moe_imbalance, sequences=mbs,
-                                              dense_mask=not run.packing, lora=run.lora)
+                                              dense_mask=not run.packing and cp == 1, lora=run.lora)
     vit = 0
     if first and run.image_share > 0:
         patches = int(tokens * run.image_share) * args.vision.spatial_merge_size**2
@@ -488,9 +536,15 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
         else:  # adapters on the ViT need the mergers' input gradients too: the mergers keep their tensors
             trains = dict(vision_trains=run.lora.vision_trains,
                           merger_trains=run.lora.merger_trains or run.lora.vision_trains)
-        one = vision_activation_bytes(args, layout, patches, act_bytes, lora=run.lora, **trains)
+        # context parallelism: each CP rank encodes a share of the frames (about patches / cp) and all-gathers
+        # the features (merged and DeepStack, (1 + n_deep) * out per merged token of the row, a working buffer)
+        one = vision_activation_bytes(args, layout, patches / cp, act_bytes, lora=run.lora, **trains)
+        gathered = 0
+        if cp > 1:
+            gathered = (act_bytes * (1 + len(args.vision.deepstack_visual_indexes)) * args.vision.out_hidden_size
+                        * patches / args.vision.spatial_merge_size**2)
         # the tower runs in every forward of virtual stage 0: its saved tensors live as long as those micro-batches
-        vit = int(one["saved"] * math.ceil(flight)) + one["working"]
+        vit = int(one["saved"] * math.ceil(flight) + one["working"] + gathered)
     out["vit"] = vit
     out["moe_dispatch"] = dispatch_bytes(args, layout, tokens, act_bytes, moe_imbalance=run.moe_imbalance)
     out["logits"] = logits_bytes(args, layout, tokens, act_bytes) if last else 0
@@ -588,7 +642,7 @@ def _gib(n: float) -> str:
 def describe(p: Plan) -> str:
     lay = p.layout
     parts = [f"tp{lay['tp']}", f"pp{lay['pp']}"] + ([f"vpp{lay['vpp']}"] if lay.get("vpp") else []) + [
-        f"ep{lay['ep']}", f"etp{lay['etp']}"] + (["sp"] if lay["sequence_parallel"] else []) + [
+        f"ep{lay['ep']}", f"etp{lay['etp']}"] + ([f"cp{lay['cp']}"] if (lay.get("cp") or 1) > 1 else []) + (["sp"] if lay["sequence_parallel"] else []) + [
         f"{n.split('_')[0]} stage {lay[n]} layers" for n in ("first_stage_layers", "last_stage_layers") if lay.get(n)]
     batch = (f"packed {p.seq_length} tokens" if p.packing else f"micro_batch_size {p.micro_batch_size} x {p.seq_length}")
     frozen = f", frozen {'+'.join(p.frozen)}" if p.frozen else ""
@@ -652,7 +706,7 @@ def format_summary(plans: Sequence[Plan]) -> str:
 __all__ = [
     "GIB", "CATEGORIES", "ParamTensor", "language_layer_params", "vision_params", "chunk_params", "stage_chunks",
     "adapter_params", "padded_numel", "model_state_bytes", "norm_bytes", "layer_activation_bytes",
-    "adapter_activation_bytes", "in_flight_microbatches", "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
+    "adapter_activation_bytes", "cp_attention_bytes", "in_flight_microbatches", "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
     "world_size_from_name", "from_config", "stage_memory", "Plan", "plan", "format_plan", "format_summary",
     "hardware_text",
 ]

@@ -302,6 +302,54 @@ def _shard_rank(rank, world, layouts):
                 key = ("lora_" if getattr(p, "lora", False) else "") + key
                 counts[key] = counts.get(key, 0) + p.numel()
         out.append((parallel_state.get_pipeline_model_parallel_rank(), counts))
+    return out, _cp_saved(rank)
+
+
+def _mid_args():
+    """The mid-sized config of the activation checks."""
+    from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config
+    from qwenvl_mcore.testing import tiny
+
+    rope = dict(rope_type="default", rope_theta=1e4, mrope_section=[8, 4, 4], mrope_interleaved=True)
+    return args_from_hf_config(tiny.tiny_hf_config(
+        text=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32, moe_intermediate_size=128,
+                  num_experts=16, num_experts_per_tok=4, num_hidden_layers=2, rope_parameters=rope),
+        vision=dict(out_hidden_size=256, hidden_size=128, num_heads=4, intermediate_size=320)).to_dict())
+
+
+CP_ROW = 512  # one sample filling the row: the planner's worst case for the blocks' mask biases
+CP_PATCHES = 1024  # two images of 512 patches: each CP rank encodes one
+
+
+def _cp_saved(rank):
+    """At CP2 (this rank of two): bytes autograd saves for one decoder layer over this rank's slice of a packed row
+    (the model's own path: RowSplit, ContextParallelAttention, AttentionContext with the rotary tables) and for the
+    ViT spread over the CP ranks (`spread_vision`), in fp32 and bf16."""
+    import torch
+    from megatron.core import parallel_state
+
+    from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionContext, RotaryTables
+    from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks
+    from qwenvl_mcore.parallel import ParallelLayout, context_parallel, init_distributed
+
+    layout = ParallelLayout(cp=2)
+    init_distributed(layout, seed=1)
+    group = parallel_state.get_context_parallel_group()
+    args = _mid_args()
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_model_chunks(args, layout, dtype=dtype)[0]
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        split = context_parallel.RowSplit.build([0, CP_ROW], CP_ROW, 2)
+        pos = split.take(torch.arange(CP_ROW).view(1, 1, CP_ROW).expand(3, 1, CP_ROW), rank, dim=2, fill=0)
+        ctx = AttentionContext(split.attention(rank, group), RotaryTables(model.rotary(pos), dtype))
+        x = torch.randn(split.n, 1, args.text.hidden_size, dtype=dtype, requires_grad=True)
+        layer = model.decoder.layers[0]
+        got_layer = _saved_bytes(lambda: layer(hidden_states=x, attention_mask=ctx, rotary_pos_emb=None), params)
+        grid = torch.tensor([[1, 16, 32], [1, 16, 32]])
+        pixels = torch.randn(CP_PATCHES, model.vision.patch_dim, dtype=dtype)
+        got_vit = _saved_bytes(lambda: context_parallel.spread_vision(model.vision, pixels, grid, group), params)
+        out[name] = {"layer": got_layer, "vit": got_vit, "local": split.n}
     return out
 
 
@@ -310,7 +358,15 @@ SHARD_LAYOUTS = (dict(tp=2, ep=2, sequence_parallel=True), dict(pp=2),
                  dict(pp=2, first_stage_layers=3), dict(pp=2, first_stage_layers=3, lora=True))  # uneven: 3 + 1
 
 
-def test_planned_shards_equal_the_real_model():
+@pytest.fixture(scope="module")
+def two_ranks():
+    """One 2-rank launch: the shard counts of SHARD_LAYOUTS, then the CP2 activation measurement (`_cp_saved`)."""
+    from qwenvl_mcore.testing.dist import run_on_ranks
+
+    return run_on_ranks(_shard_rank, 2, SHARD_LAYOUTS)
+
+
+def test_planned_shards_equal_the_real_model(two_ranks):
     """Every rank of a TP2 x EP2 (SP), of a PP2 and of an uneven PP2 (3 + 1 layers) layout holds exactly the
     elements the planner enumerates for its stage: dense language, vision, merger and expert parameters (two ranks,
     the tiny model on the meta device);
@@ -318,10 +374,9 @@ def test_planned_shards_equal_the_real_model():
     from qwenvl_mcore.lora.config import LoRAConfig
     from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config
     from qwenvl_mcore.parallel import ParallelLayout
-    from qwenvl_mcore.testing.dist import run_on_ranks
     from qwenvl_mcore.training.lora_sites import LoRAShape
 
-    results = run_on_ranks(_shard_rank, 2, SHARD_LAYOUTS)
+    results = [shards for shards, _ in two_ranks]
     args = args_from_hf_config(flavor_hf_config("debug"))
     for rank_results in results:
         for kwargs, (pp_rank, counts) in zip(SHARD_LAYOUTS, rank_results):
@@ -333,6 +388,56 @@ def test_planned_shards_equal_the_real_model():
                     key = ("lora_" if p.adapter else "") + ("expert" if p.expert else p.part)
                     planned[key] = planned.get(key, 0) + p.numel
             assert planned == counts, (kwargs, pp_rank, planned, counts)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_context_parallel_activation_formulas_match_saved_tensors(two_ranks, dtype):
+    """At CP2 on two gloo ranks, one decoder layer over each rank's half of a 512-token row (one sample) and the
+    ViT spread over the two ranks (two images, one each): the planner's CP formulas (layer_activation_bytes with
+    cp=2: slice tensors on s/cp tokens, the gathered K/V blocks, the blocks' mask biases; vision_activation_bytes
+    on patches/cp) are within 5% of the bytes autograd saves on each rank; the K/V blocks and mask biases are
+    what cp_attention_bytes says (K = s*(2cp+1)/(2cp) key rows, (2cp+1) chunk^2 bias elements); and CP halves the
+    layer's per-token tensors against the one-rank formula."""
+    from qwenvl_mcore.parallel import ParallelLayout
+
+    args = _mid_args()
+    b = 4 if dtype == "fp32" else 2
+    planned = memory.layer_activation_bytes(args, ParallelLayout(cp=2), CP_ROW, b)
+    g = args.text.num_key_value_heads * args.text.head_dim
+    assert planned["cp_kv"] == 2 * b * (CP_ROW * 5 // 4) * g  # 640 key rows of k and v
+    assert planned["mask_bias"] == b * 5 * (CP_ROW // 4) ** 2  # ql=128 against kl=128 and 512 on either rank
+    one_rank = memory.layer_activation_bytes(args, ParallelLayout(), CP_ROW, b)
+    assert planned["moe"] == one_rank["moe"] // 2
+    planned_layer = sum(planned.values())
+    planned_vit = memory.vision_activation_bytes(args, ParallelLayout(cp=2), CP_PATCHES / 2, b)["saved"]
+    for rank, (_, cp) in enumerate(two_ranks):
+        m = cp[dtype]
+        print(f"{dtype} CP2 rank {rank}: layer measured {m['layer']} planned {planned_layer}; "
+              f"vit measured {m['vit']} planned {planned_vit}")
+        assert m["local"] == CP_ROW // 2
+        assert abs(planned_layer - m["layer"]) <= 0.05 * m["layer"], (rank, planned, m["layer"])
+        assert abs(planned_vit - m["vit"]) <= 0.10 * m["vit"], (rank, planned_vit, m["vit"])
+
+
+def test_context_parallel_group_sizes_and_slices():
+    """DP = world / (tp*pp*cp), EDP = world / (ep*etp*pp) (the expert-data-parallel group spans DP x CP), as megatron's
+    parallel_state builds them; at CP the per-token categories are a CP rank's slice of the row (activations,
+    dispatch and logits halve at CP2), the ViT encodes a share, and the dense optimizer state grows with the smaller
+    DP."""
+    cfg = compose(["experiment=sft_30b_a3b_1x8xh100", "data.seq_length=32768"])
+    base = memory.from_config(cfg)
+    cp2 = memory.from_config(compose(["experiment=sft_30b_a3b_1x8xh100", "data.seq_length=32768",
+                                      "parallel.cp=2"]))
+    assert (base.dp, base.edp) == (2, 1) and (cp2.dp, cp2.edp) == (1, 1)
+    assert cp2.microbatches == 2 * base.microbatches
+    wide = memory.from_config(compose(["experiment=sft_30b_a3b_2x8xh100", "parallel.cp=2", "parallel.ep=4"]))
+    assert (wide.world_size, wide.dp, wide.edp) == (16, 4, 2)  # 16/(1*2*2), 16/(4*1*2)
+    a, c = memory.stage_memory(base, 0), memory.stage_memory(cp2, 0)
+    assert c["logits"] == a["logits"] // 2 and c["moe_dispatch"] == a["moe_dispatch"] // 2
+    assert c["activations"] < 0.75 * a["activations"] and c["vit"] < 0.6 * a["vit"]
+    assert c["optimizer"] > a["optimizer"] and c["weights"] == a["weights"]
+    p = memory.plan(cp2)
+    assert "cp2" in memory.describe(p) and "DP 1, EDP 1" in memory.describe(p)
 
 
 def test_released_totals_are_enumerated_exactly():
@@ -439,6 +544,61 @@ def test_lora_235b_fits_one_node_of_8x80_gib():
     assert "lora_235b_a22b_1x8xh100 fits one node of 8 x 80 GiB" in out, out
     assert "the longest packed sequence it allows: 9216 tokens" in out, out
     assert "LoRA rank 16" in out
+
+
+def _cli(argv) -> tuple[int, str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_memory", CONF_DIR.parent / "tools" / "plan_memory.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    text = io.StringIO()
+    with redirect_stdout(text):
+        rc = cli.main(argv)
+    return rc, text.getvalue()
+
+
+def test_235b_full_fine_tune_at_8k_fits_8_nodes_and_no_fewer():
+    """sft_235b_a22b_8x8xh100: the full fine-tune at 8,192 tokens fits 8 nodes of 8 x 80 GiB at TP4 x PP4 (19/25/25/25)
+    x EP16, every stage under the budget; 7 nodes do not fit at the best layouts the planner found (CP2 x TP4 x
+    PP7, CP2 x TP4 x PP3 on 6), and the previous layout (TP4 x PP2 x EP32) does not fit 8,192 tokens."""
+    cfg = compose(["experiment=sft_235b_a22b_8x8xh100"])
+    run = memory.from_config(cfg)
+    assert run.world_size == 64 and cfg.data.seq_length == 8192 and not run.frozen and run.lora is None
+    assert [len(x) for r in range(4) for x in run.layout.rank_layers(94, r)] == [19, 25, 25, 25]
+    p = memory.plan(run, gpu_gib=80, fraction=0.9)
+    assert p.fits and p.largest == 8192, memory.format_plan(p)
+    assert all(st["total"] <= p.budget for st in p.stages) and p.worst["total"] > 70 * 2**30
+    for over, gpus in ((["parallel.tp=4", "parallel.pp=7", "parallel.cp=2", "parallel.ep=8",
+                         "parallel.first_stage_layers=10"], 56),
+                       (["parallel.pp=3", "parallel.cp=2", "parallel.first_stage_layers=30"], 48),
+                       (["parallel.pp=2", "parallel.ep=32", "parallel.first_stage_layers=null"], 64)):
+        other = memory.plan(memory.from_config(compose(["experiment=sft_235b_a22b_8x8xh100", *over]),
+                                               world_size=gpus))
+        assert not other.fits, (over, memory.format_plan(other))
+    rc, out = _cli(["experiment=sft_235b_a22b_8x8xh100"])
+    assert rc == 0
+    assert "sft_235b_a22b_8x8xh100 fits 8 nodes of 8 x 80 GiB (H100, 90% usable) at 8192 tokens" in out, out
+    assert "the longest packed sequence it allows: 8192 tokens" in out
+
+
+def test_30b_32k_context_parallel_preset_fits_one_node_of_8x80_gib():
+    """lora_30b_a3b_32k_1x8xh100: 32K-token rows on one node of 8 at CP2 x TP2 x EP8 (DP2), each CP rank planning
+    its 16K-token slice; the full fine-tune at 32K fits no layout of that node (the experts' state)."""
+    cfg = compose(["experiment=lora_30b_a3b_32k_1x8xh100"])
+    run = memory.from_config(cfg)
+    assert (run.world_size, run.layout.cp, run.dp, run.edp) == (8, 2, 2, 1) and run.lora is not None
+    p = memory.plan(run, gpu_gib=80, fraction=0.9)
+    assert p.fits and cfg.data.seq_length == 32768 and p.largest == 65536, memory.format_plan(p)
+    assert memory.stage_memory(run, 0, seq_length=98304)["total"] > p.budget
+    for lay in (["parallel.tp=4", "parallel.cp=2"], ["parallel.tp=2", "parallel.cp=4"], ["parallel.cp=1"]):
+        full = memory.plan(memory.from_config(compose(["experiment=sft_30b_a3b_1x8xh100", "data.seq_length=32768",
+                                                       *lay, "model.freeze_vision=true"])))
+        assert not full.fits, memory.format_plan(full)
+    rc, out = _cli(["experiment=lora_30b_a3b_32k_1x8xh100"])
+    assert rc == 0 and "cp2" in out
+    assert "lora_30b_a3b_32k_1x8xh100 fits one node of 8 x 80 GiB (H100, 90% usable) at 32768 tokens" in out, out
+    assert "the longest packed sequence it allows: 65536 tokens" in out
 
 
 def test_lora_leaves_full_training_unchanged_and_costs_less():

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_there_are_experiments():
     assert {"debug_cpu_tp2_ep2", "sft_30b_a3b_1x8xh100", "sft_30b_a3b_2x8xh100", "sft_235b_a22b_8x8xh100",
-            "lora_235b_a22b_1x8xh100", "lora_30b_a3b_1x4xh100"} <= set(EXPERIMENTS)
+            "lora_235b_a22b_1x8xh100", "lora_30b_a3b_1x4xh100", "lora_30b_a3b_32k_1x8xh100"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -36,8 +36,16 @@ def test_experiment_composes_and_its_layout_fits_the_model(name):
         assert args.text.num_hidden_layers == 94
     if name.startswith("lora_"):  # a frozen base in bf16 and adapters (conf/peft/lora.yaml), on the named GPUs
         assert cfg.peft.method == "lora" and cfg.model.init_from and cfg.model.dtype == "bf16"
-        gpus = {"lora_235b_a22b_1x8xh100": 8, "lora_30b_a3b_1x4xh100": 4}[name]
+        gpus = {"lora_235b_a22b_1x8xh100": 8, "lora_30b_a3b_1x4xh100": 4, "lora_30b_a3b_32k_1x8xh100": 8}[name]
         validate_layout(args, layout_of(cfg), gpus)
+    if name == "lora_30b_a3b_32k_1x8xh100":  # 32K-token rows split over CP2 (x TP2 x EP8, DP2 on 8 GPUs)
+        assert cfg.data.seq_length == 32768 and cfg.data.packing and layout_of(cfg).cp == 2
+        assert layout_of(cfg).data_parallel_size(8) == 2
+    if name == "sft_235b_a22b_8x8xh100":  # full fine-tune at 8K on 64 GPUs: TP4 x PP4 (19/25/25/25) x EP16, DP4
+        lay = layout_of(cfg)
+        assert cfg.data.seq_length == 8192 and (lay.tp, lay.pp, lay.ep, lay.first_stage_layers) == (4, 4, 16, 19)
+        validate_layout(args, lay, 64)
+        assert lay.data_parallel_size(64) == 4 and lay.expert_data_parallel_size(64) == 1
 
 
 @pytest.mark.parametrize("override, names", [

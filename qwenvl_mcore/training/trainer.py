@@ -653,11 +653,12 @@ def train(cfg: DictConfig, *, train_dataset=None, valid_dataset=None, early_sign
                 save_training_checkpoint(run, saver, hf=cfg.checkpoint.save_hf == "every")
         if saver is not None:
             saver.wait()  # a stop, too, lets the write in flight finish and publishes it before the last save
-        path = save_training_checkpoint(run, hf=cfg.checkpoint.save_hf == "every" or (
-            cfg.checkpoint.save_hf == "final" and status == COMPLETED))
+        hf = cfg.checkpoint.save_hf == "every" or (cfg.checkpoint.save_hf == "final" and status == COMPLETED)
+        path = save_training_checkpoint(run, hf=hf)
         finished = True
         if writer:
-            writer.message({COMPLETED: f"[train] done at step {run.state.step}; checkpoint {path}",
+            writer.message({COMPLETED: f"[train] done at step {run.state.step}; checkpoint {path}"
+                                       + (f"; HF model {os.path.join(path, model_io.HF_SUBDIR)}" if hf else ""),
                             PREEMPTED: f"[train] stopped by signal at step {run.state.step}; checkpoint {path}; "
                                        "start the same command again to resume",
                             BAD_STEPS: f"[train] stopped: {cfg.trainer.max_consecutive_skips} steps in a row had a "

@@ -71,7 +71,7 @@ def test_one_rank_from_hf_dir_with_save_hf_final(tmp_path):
     assert _looks_complete(out) and len(list(out.glob("model-*.safetensors"))) > 2
     config = json.loads((out / "config.json").read_text())["text_config"]
     assert (config["num_hidden_layers"], config["num_experts"]) == (3, 6)
-    report = run_on_ranks(hf_vs_checkpoint, 1, str(out), str(step_dir))[0]
+    report = run_on_ranks(hf_vs_checkpoint, 1, [(str(out), str(step_dir))])[0][0]
     assert report["max_abs_logit_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, report
 
 

@@ -5,7 +5,8 @@ machinery and its straight runs are reused: in one pytest session they run once 
 - 10 steps from the HF directory (released expert layout) at TP2xEP2 (SP) and at PP2xDP2, and from the same
   weights saved in the transformers-5 expert layout at TP2xEP2 and at PP2, give every loss, grad norm and aux loss
   of the run from the converted checkpoint bit for bit;
-- checkpoint.save_hf=every at TP2xEP2 and at PP2 (one writer per pipeline stage, several shards): each exported
+- checkpoint.save_hf=every at TP2xEP2 and at PP2 (one writer per pipeline stage, several shards; PP2 with
+  checkpoint.async_save=true, whose periodic save exports before training goes on): each exported
   <step dir>/hf loads in transformers and its logits equal our model's loaded from that step's checkpoint (1e-5,
   fp32); the step directory carries config, index and processor files.
 """
@@ -48,6 +49,8 @@ def from_hf(name: str, layout_name: str) -> list[dict]:
     extra = [f"model.init_from={source}"]
     if name == "hf":
         extra += ["checkpoint.every=5", "checkpoint.save_hf=every", f"checkpoint.hf_max_shard_size={SHARD}"]
+        if layout_name == "pp2":  # the periodic save (step 5) through the asynchronous saver, the last one sync
+            extra.append("checkpoint.async_save=true")
     world, layout = tt.LAYOUTS[layout_name]
     run_dir = tt.WORK / f"{name}_{layout_name}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m",
@@ -67,23 +70,26 @@ def test_run_from_hf_dir_equals_run_from_its_converted_checkpoint(name, layout_n
         assert [m[key] for m in ours] == [m[key] for m in ref], key
 
 
-@pytest.mark.parametrize("layout_name", ["tp2_ep2", "pp2"])
-def test_save_hf_every_loads_in_transformers_with_our_logits(layout_name):
+def test_save_hf_every_loads_in_transformers_with_our_logits():
     from qwenvl_mcore.conversion.hf_io import scan_hf_dir
 
-    from_hf("hf", layout_name)
-    ckpts = tt.WORK / f"hf_{layout_name}" / "checkpoints"
-    for step in (5, 10):
-        step_dir = ckpts / f"step_{step:07d}"
-        hf = step_dir / "hf"
-        index = json.loads((hf / "model.safetensors.index.json").read_text())
-        shards = sorted(set(index["weight_map"].values()))
-        assert len(shards) > 2 and all((hf / s).is_file() for s in shards)
-        for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.jinja"):
-            assert (hf / name).is_file(), name
-        infos = scan_hf_dir(hf)
-        gate_up = infos["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape
-        config = json.loads((hf / "config.json").read_text())["text_config"]
-        assert gate_up == (config["num_experts"], config["hidden_size"], 2 * config["moe_intermediate_size"])
-        report = run_on_ranks(hf_vs_checkpoint, 1, str(hf), str(step_dir))[0]
-        assert report["max_abs_logit_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, (step, report)
+    pairs = []
+    for layout_name in ("tp2_ep2", "pp2"):
+        from_hf("hf", layout_name)
+        ckpts = tt.WORK / f"hf_{layout_name}" / "checkpoints"
+        for step in (5, 10):
+            step_dir = ckpts / f"step_{step:07d}"
+            hf = step_dir / "hf"
+            index = json.loads((hf / "model.safetensors.index.json").read_text())
+            shards = sorted(set(index["weight_map"].values()))
+            assert len(shards) > 2 and all((hf / s).is_file() for s in shards)
+            for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.jinja"):
+                assert (hf / name).is_file(), name
+            infos = scan_hf_dir(hf)
+            gate_up = infos["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape
+            config = json.loads((hf / "config.json").read_text())["text_config"]
+            assert gate_up == (config["num_experts"], config["hidden_size"], 2 * config["moe_intermediate_size"])
+            pairs.append((str(hf), str(step_dir)))
+    reports = run_on_ranks(hf_vs_checkpoint, 1, pairs)[0]  # one process for the four
+    for (hf, _), report in zip(pairs, reports, strict=True):
+        assert report["max_abs_logit_diff"] <= 1e-5 and report["top1_agreement"] == 1.0, (hf, report)

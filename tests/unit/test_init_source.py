@@ -72,3 +72,17 @@ def test_rows_read_only_their_bytes(hf):
         assert torch.equal(reader.get_rows(name, start, stop), whole[start:stop])
     with pytest.raises(ValueError):
         reader.get_rows(name, 6, 9)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.save_hf=always", "checkpoint.save_hf='always': choose one of none, every, final"),
+    ("checkpoint.hf_max_shard_size=5XB", "checkpoint.hf_max_shard_size: max shard size '5XB'"),
+    ("checkpoint.hf_max_shard_size=0", "checkpoint.hf_max_shard_size: max shard size '0'"),
+])
+def test_save_hf_settings_are_checked_at_start(override, message):
+    from qwenvl_mcore.training.config import ConfigError, compose
+
+    assert compose(["checkpoint.save_hf=final", "checkpoint.hf_max_shard_size=500MB"]).checkpoint.save_hf == "final"
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    assert message in str(e.value)

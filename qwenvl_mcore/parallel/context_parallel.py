@@ -452,9 +452,11 @@ def spread_vision(vision, pixel_values: torch.Tensor, grid_thw: torch.Tensor, gr
         local = torch.cat([merged, *deepstack], dim=1)
     else:  # nothing to encode here: take part in the exchange with no rows
         width = vision.vision_args.out_hidden_size * (1 + n_deep)
-        # requires grad so that this rank, too, takes part in the backward's exchange
+        # requires grad exactly when the other ranks' features do (a trainable ViT or merger), so that this rank,
+        # too, takes part in the backward's exchange, and no rank waits for it when the ViT is frozen
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in vision.parameters())
         local = torch.zeros((0, width), dtype=next(vision.parameters()).dtype, device=pixel_values.device,
-                            requires_grad=torch.is_grad_enabled())
+                            requires_grad=trainable)
     sizes = [s["features"][1] - s["features"][0] for s in shares]
     full = GatherShares.apply(local, sizes, group)
     parts = full.chunk(1 + n_deep, dim=1)

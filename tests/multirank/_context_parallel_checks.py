@@ -53,13 +53,13 @@ CP_PAD = 5  # padding after the samples
 AUX_COEF = 0.5
 
 
-def cp_row(processor, args):
-    """The packed row of the CP checks (samples of CP_KINDS, then CP_PAD padding tokens) and its samples."""
+def cp_row(processor, args, kinds=CP_KINDS):
+    """The packed row of the CP checks (samples of `kinds`, then CP_PAD padding tokens) and its samples."""
     from qwenvl_mcore.data.packing import pack, rope_token_ids
     from qwenvl_mcore.data.synthetic import SyntheticConversations
 
     samples = [SyntheticConversations(processor, 1, kinds=(k,), seed=7 + i, max_words=5)[0]
-               for i, k in enumerate(CP_KINDS)]
+               for i, k in enumerate(kinds)]
     capacity = sum(len(s) for s in samples) + CP_PAD
     row = pack(samples, capacity, processor.tokenizer.pad_token_id, **rope_token_ids(args))
     return row, samples
@@ -95,8 +95,8 @@ def _reduce_grads(chunks) -> None:
     dp = dist.get_world_size(ps.get_data_parallel_group())
     for model in chunks:
         for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
+            if p.grad is None:  # e.g. the ViT on a rank without a share of the frames (DDP's buffers hold zeros)
+                p.grad = torch.zeros_like(p)
             if getattr(p, "sequence_parallel", False) and dist.get_world_size(tp_group) > 1:
                 dist.all_reduce(p.grad, group=tp_group)
             group = edp if ".mlp.experts." in name else dp_cp
@@ -106,7 +106,8 @@ def _reduce_grads(chunks) -> None:
 
 
 def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
-    """Our model at a CP layout (parallel state started here) against transformers on the packed row of CP_KINDS.
+    """Our model at a CP layout (parallel state started here) against transformers on the packed row of CP_KINDS
+    (or of layout_kwargs["kinds"]).
 
     Returns (numbers only; the test asserts): the sample lengths and 2*cp; per sample the worst |dlogit| at its
     real tokens (last stage) and |dloss| of its token-mean loss; |dloss| of the row's global token mean through
@@ -126,6 +127,8 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
     from qwenvl_mcore.testing import parity
     from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches
 
+    layout_kwargs = dict(layout_kwargs)
+    kinds = layout_kwargs.pop("kinds", CP_KINDS)
     layout = ParallelLayout(**layout_kwargs)
     parity.start(layout)
     chunks, ctx = parity.build_pair(hf, layout)
@@ -133,7 +136,7 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
     args = model.args
     cp = layout.cp
     cp_group, cp_rank = ps.get_context_parallel_group(), ps.get_context_parallel_rank()
-    row, samples = cp_row(processor, args)
+    row, samples = cp_row(processor, args, kinds)
     s = row.input_ids.shape[1]
     bounds = list(zip(row.cu_seqlens[:-1].tolist(), row.cu_seqlens[1:].tolist()))
     res: dict = {"lengths": [b - a for a, b in bounds], "two_cp": 2 * cp, "pad": s - int(row.cu_seqlens[-1]),
@@ -244,6 +247,20 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
     totals = model.routing.micro[0].totals()
     e = args.text.num_experts
     res["routing_tokens"] = (float(totals[2 * e]), args.text.num_hidden_layers * int(row.cu_seqlens[-1]))
+
+    # a frozen ViT and merger (ranks without a share of the frames included): the step completes, no grad reaches them
+    frozen = [p for p in model.vision.parameters()] if model.pre_process else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for c in chunks:
+            c.zero_grad(set_to_none=True)
+        reports = run_microbatches(chunks, [row], forward_only=False, loss_for=loss_for_per_token)
+        res["frozen_vit_loss_finite"] = all(bool(torch.isfinite(r["loss_sum"])) for r in reports)
+        res["frozen_vit_no_grad"] = all(p.grad is None for p in frozen)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     for c in chunks:
         c.zero_grad(set_to_none=True)
         c.eval()

@@ -455,7 +455,7 @@ def test_released_totals_are_enumerated_exactly():
 
 
 def test_uneven_stages_are_planned_stage_by_stage():
-    """235B-A22B at TP4 x PP4 x EP32 with parallel.first_stage_layers=22 (22/24/24/24 layers; 94 do not split
+    """235B-A22B at TP4 x PP4 x EP16 with parallel.first_stage_layers=22 (22/24/24/24 layers; 94 do not split
     evenly over 4): each stage's chunks hold its own layer count (the first one the ViT and embedding too, the last
     the LM head), the plan reports all four stages, and the first stage's LLM memory is 22/24 of a middle one's."""
     overrides = ["experiment=sft_235b_a22b_8x8xh100", "parallel.pp=4", "parallel.first_stage_layers=22"]
@@ -480,7 +480,7 @@ def test_uneven_stages_are_planned_stage_by_stage():
     from qwenvl_mcore.parallel import LayoutError
 
     with pytest.raises(LayoutError, match="parallel.first_stage_layers"):
-        memory.from_config(compose(overrides[:2]), world_size=128)
+        memory.from_config(compose([*overrides[:2], "parallel.first_stage_layers=null"]), world_size=128)
 
 
 # -- formulas ------------------------------------------------------------------------------------------------

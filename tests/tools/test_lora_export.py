@@ -53,6 +53,7 @@ def launch() -> list[dict]:
 
 @functools.cache
 def merged() -> Path:
+    launch()  # the trained LoRA run it merges (a test run alone must not depend on the order)
     out = WORK / "merged"
     proc = _tool("mcore2hf.py", "--mcore", WORK / "runs" / "trained", "--out", out, "--merge-lora", "--procs", 2,
                  "--no-progress")

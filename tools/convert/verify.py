@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
     from qwenvl_mcore.parallel import LayoutError, ParallelLayout
     from qwenvl_mcore.testing.dist import run_on_ranks
-
     from qwenvl_mcore.testing.sample_parity import VerifyDataError, builtin_samples, dataset_samples
 
     layout = ParallelLayout(tp=a.tp, pp=a.pp, ep=a.ep, etp=a.etp, cp=a.cp, sequence_parallel=a.tp > 1,

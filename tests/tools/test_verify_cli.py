@@ -104,13 +104,17 @@ def test_verify_dataset_records_packed_at_cp2_tp2(checkpoints, dataset):
     assert report["data"] == str(dataset), report
 
 
-def test_verify_refuses_unusable_data(checkpoints, tmp_path):
-    """A --data file that does not exist, or holds no usable record: exit 2 before any rank starts, naming the
-    fix."""
+def test_verify_refuses_bad_input(checkpoints, tmp_path):
+    """A --cp that does not divide --ranks, a --data file that does not exist or holds no usable record: exit 2
+    before any rank starts, naming the fix."""
     def run(*flags):
         return subprocess.run([sys.executable, str(ROOT / "tools/convert/verify.py"), "--hf",
                                str(checkpoints["released"]), *flags], capture_output=True, text=True, timeout=120)
 
+    ranks = run("--cp", "2", "--ranks", "3")
+    assert ranks.returncode == 2, ranks.stderr[-2000:]
+    assert "world size 3 is not divisible by tp*pp*cp = 1*1*2" in ranks.stderr
+    assert "leave --ranks out to start the 2 the layout needs" in ranks.stderr
     missing = run("--data", str(tmp_path / "nope.jsonl"), "--cp", "2")
     assert missing.returncode == 2, missing.stderr[-2000:]
     assert f"--data {tmp_path / 'nope.jsonl'} does not exist" in missing.stderr

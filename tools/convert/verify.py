@@ -2,6 +2,7 @@
 """Check our megatron model against transformers on an HF Qwen3-VL MoE checkpoint, at a chosen parallel layout.
 
     python tools/convert/verify.py --hf DIR [--mcore DIR] [--adapter DIR] [--tp N --ep N --etp N --pp N --cp N]
+                                   [--ranks N]
                                    [--first-stage-layers N] [--last-stage-layers N] [--dtype fp32|bf16]
                                    [--packed] [--data FILE [--samples N]]
 
@@ -17,7 +18,8 @@ adapter's tensors (qwenvl_mcore.lora.peft_io). The adapter must be one for Qwen3
 --first-stage-layers / --last-stage-layers give the first / last pipeline stage their own LLM layer counts (uneven
 stages, as parallel.first_stage_layers / parallel.last_stage_layers); an impossible split exits 2 naming the fix.
 
---cp N splits every row over N context-parallel ranks (parallel.cp; world = lcm(tp*cp, ep*etp) * pp ranks).
+--cp N splits every row over N context-parallel ranks (parallel.cp). verify starts lcm(tp*cp, ep*etp) * pp ranks,
+or --ranks N (the rest data parallelism; refused, exit 2, when tp*pp*cp or ep*etp*pp does not divide it).
 
 --packed feeds training samples (rendered with training's labels: the assistant answers) packed into one row, as
 data.packing packs them (attention within each sample, MRoPE positions per sample), and compares each sample's
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--etp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks each row is split over")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="processes to start (default: the fewest the layout needs, lcm(tp*cp, ep*etp)*pp); the rest "
+                        "is data parallelism")
     p.add_argument("--first-stage-layers", type=int, default=None,
                    help="LLM layers on the first pipeline stage (uneven stages; default: an even share)")
     p.add_argument("--last-stage-layers", type=int, default=None,
@@ -143,8 +148,17 @@ def main(argv: list[str] | None = None) -> int:
             raise VerifyDataError(f"--data {a.data} does not exist or is not a file: give a JSONL (messages, "
                                   "ShareGPT or OpenAI format) or parquet dataset file.")
         layout.validate()  # the sizes themselves (--cp 0 ...) before the world size is computed from them
-        world = math.lcm(a.tp * a.cp, a.ep * a.etp) * a.pp
-        validate_layout(args_from_hf_config(load_hf_config(a.hf)), layout, world)
+        world = math.lcm(a.tp * a.cp, a.ep * a.etp) * a.pp if a.ranks is None else a.ranks
+        if world < 1:
+            raise LayoutError(f"--ranks {world}: give a positive number of processes (or leave it out).")
+        try:
+            validate_layout(args_from_hf_config(load_hf_config(a.hf)), layout, world)
+        except LayoutError as e:
+            if a.ranks is None:
+                raise
+            raise LayoutError(f"{e} (verify.py: --ranks {a.ranks} must be a multiple of tp*pp*cp and of ep*etp*pp; "
+                              f"leave --ranks out to start the {math.lcm(a.tp * a.cp, a.ep * a.etp) * a.pp} the layout "
+                              "needs)") from None
         if a.mcore:
             mcore = resolve_checkpoint_dir(a.mcore)
             read_info(mcore)

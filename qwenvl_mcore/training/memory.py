@@ -36,7 +36,8 @@ What is counted, and why (the code it follows):
   it is alive at the optimizer step, when activations are gone, so the peak is static + max(activations, step temp).
 - context parallelism (cp > 1): every per-token activation, the dispatch buffers and the logits are this CP rank's
   slice of the row (s/cp tokens); the attention keeps the K/V blocks it gathers from the whole row and the blocks'
-  causal mask biases (`cp_attention_bytes`); the ViT encodes a 1/cp share of the frames and all-gathers the features.
+  causal mask biases (`cp_attention_bytes`); the ViT encodes a 1/cp share of the frames and all-gathers the features
+  (`cp_vision_extra_bytes`: the whole pixel tensor and the gathered features stay on every CP rank).
 - LoRA (`peft=lora`, qwenvl_mcore/lora): the whole base is frozen (its stored dtype, unpadded, no gradient, no
   optimizer state); the adapters (`lora_sites`: rank r on every targeted linear, sharded like its base) are the
   trainable parameters above, dense ones over DP, expert ones over EDP. Activations are full training's plus each
@@ -298,6 +299,17 @@ def layer_activation_bytes(args, layout, tokens: int, act_bytes: int, *, recompu
     return out
 
 
+def cp_vision_extra_bytes(args, layout, patches: float, act_bytes: int) -> int:
+    """What a CP rank holds for the ViT beyond its share's saved tensors (`vision_activation_bytes` on patches/cp):
+    the micro-batch's whole pixel tensor, B*C*T*P*P per patch, stays alive (the rank's patch embedding keeps its
+    share, a view of it), so (cp-1)/cp of the pixels count on top of the share's; and the all-gathered features,
+    merged and DeepStack, B*(1 + n_deep)*out per merged token of the row (patches / merge^2)."""
+    v, cp = args.vision, layout.cp or 1
+    pixels = act_bytes * v.in_channels * v.temporal_patch_size * v.patch_size**2 * patches * (cp - 1) / cp
+    features = act_bytes * (1 + len(v.deepstack_visual_indexes)) * v.out_hidden_size * patches / v.spatial_merge_size**2
+    return int(pixels + features)
+
+
 def cp_attention_bytes(args, layout, tokens: float, act_bytes: int) -> dict[str, int]:
     """What one layer's context-parallel attention (parallel/context_parallel.py, all-gather K/V) keeps for
     backward on one CP rank, beyond its per-token tensors, for a packed row of s = `tokens` tokens:
@@ -539,10 +551,7 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
         # context parallelism: each CP rank encodes a share of the frames (about patches / cp) and all-gathers
         # the features (merged and DeepStack, (1 + n_deep) * out per merged token of the row, a working buffer)
         one = vision_activation_bytes(args, layout, patches / cp, act_bytes, lora=run.lora, **trains)
-        gathered = 0
-        if cp > 1:
-            gathered = (act_bytes * (1 + len(args.vision.deepstack_visual_indexes)) * args.vision.out_hidden_size
-                        * patches / args.vision.spatial_merge_size**2)
+        gathered = cp_vision_extra_bytes(args, layout, patches, act_bytes) if cp > 1 else 0
         # the tower runs in every forward of virtual stage 0: its saved tensors live as long as those micro-batches
         vit = int(one["saved"] * math.ceil(flight) + one["working"] + gathered)
     out["vit"] = vit
@@ -706,7 +715,7 @@ def format_summary(plans: Sequence[Plan]) -> str:
 __all__ = [
     "GIB", "CATEGORIES", "ParamTensor", "language_layer_params", "vision_params", "chunk_params", "stage_chunks",
     "adapter_params", "padded_numel", "model_state_bytes", "norm_bytes", "layer_activation_bytes",
-    "adapter_activation_bytes", "cp_attention_bytes", "in_flight_microbatches", "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
+    "adapter_activation_bytes", "cp_attention_bytes", "cp_vision_extra_bytes", "in_flight_microbatches", "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
     "world_size_from_name", "from_config", "stage_memory", "Plan", "plan", "format_plan", "format_summary",
     "hardware_text",
 ]

@@ -410,6 +410,9 @@ def test_context_parallel_activation_formulas_match_saved_tensors(two_ranks, dty
     assert planned["moe"] == one_rank["moe"] // 2
     planned_layer = sum(planned.values())
     planned_vit = memory.vision_activation_bytes(args, ParallelLayout(cp=2), CP_PATCHES / 2, b)["saved"]
+    # the rank's patch embedding keeps its share of the pixels, a view of the whole micro-batch's pixel tensor
+    v = args.vision
+    planned_vit += b * v.in_channels * v.temporal_patch_size * v.patch_size**2 * CP_PATCHES // 2
     for rank, (_, cp) in enumerate(two_ranks):
         m = cp[dtype]
         print(f"{dtype} CP2 rank {rank}: layer measured {m['layer']} planned {planned_layer}; "

@@ -108,10 +108,12 @@ def test_transformers5_input_is_exported_in_the_released_layout(hf, converted, t
 
 
 @pytest.mark.parametrize("world, layout", [(4, dict(tp=2, ep=2, sequence_parallel=True)), (4, dict(pp=2, ep=2)),
-                                           (3, dict(pp=3, first_stage_layers=2, last_stage_layers=1))],
-                         ids=["tp2_ep2_sp", "pp2_ep2", "pp3_uneven"])
+                                           (3, dict(pp=3, first_stage_layers=2, last_stage_layers=1)),
+                                           (2, dict(cp=2, ep=2))],
+                         ids=["tp2_ep2_sp", "pp2_ep2", "pp3_uneven", "cp2_ep2"])
 def test_load_at_layout_save_and_export_is_bit_exact(hf, converted, tmp_path, world, layout):
-    """The converted checkpoint loaded at TP2/EP2/SP (and PP2/EP2, and uneven PP3: 2/1/1 layers): every weight equals
+    """The converted checkpoint loaded at TP2/EP2/SP (and PP2/EP2, uneven PP3: 2/1/1 layers, and CP2 x EP2, the
+    expert-data-parallel group spanning the CP ranks): every weight equals
     the HF file, logits match transformers (<= 1e-4); saved again by the trainer's save path and exported: bit-exact
     with the input."""
     save_root = tmp_path / "run"

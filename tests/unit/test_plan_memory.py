@@ -523,10 +523,6 @@ def test_every_preset_fits_under_90_percent_of_80_gib(name):
 def test_lora_235b_fits_one_node_of_8x80_gib():
     """The 235B LoRA preset fits 80 GiB GPUs (under the 90% budget) on one node of 8, at its 9,216-token packed
     sequences, with the base frozen in bf16: no gradient or optimizer byte for it; and the CLI says so in words."""
-    import importlib.util
-
-    from qwenvl_mcore.training.config import CONF_DIR
-
     cfg = compose(["experiment=lora_235b_a22b_1x8xh100"])
     run = memory.from_config(cfg)
     assert run.world_size == 8 and run.lora is not None and run.param_bytes == 2
@@ -540,13 +536,8 @@ def test_lora_235b_fits_one_node_of_8x80_gib():
     longer = memory.stage_memory(run, 0, seq_length=cfg.data.seq_length + 1024)
     assert longer["total"] > p.budget
 
-    spec = importlib.util.spec_from_file_location("plan_memory", CONF_DIR.parent / "tools" / "plan_memory.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    text = io.StringIO()
-    with redirect_stdout(text):
-        assert cli.main(["experiment=lora_235b_a22b_1x8xh100"]) == 0
-    out = text.getvalue()
+    rc, out = _cli(["experiment=lora_235b_a22b_1x8xh100"])
+    assert rc == 0, out
     assert "lora_235b_a22b_1x8xh100 fits one node of 8 x 80 GiB" in out, out
     assert "the longest packed sequence it allows: 9216 tokens" in out, out
     assert "LoRA rank 16" in out
@@ -627,23 +618,11 @@ def test_lora_leaves_full_training_unchanged_and_costs_less():
 
 
 def test_cli_table_and_json_have_every_category():
-    import importlib.util
-
-    from qwenvl_mcore.training.config import CONF_DIR
-
-    spec = importlib.util.spec_from_file_location("plan_memory", CONF_DIR.parent / "tools" / "plan_memory.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    text = io.StringIO()
-    with redirect_stdout(text):
-        assert cli.main(["experiment=sft_30b_a3b_2x8xh100"]) == 0
-    table = text.getvalue()
+    rc, table = _cli(["experiment=sft_30b_a3b_2x8xh100"])
+    assert rc == 0, table
     for _, label in memory.COLUMNS:
         assert f" {label} |" in table, label
     assert "| 0 (max) |" in table and "| 1 |" in table and "fits" in table and "largest micro-batch" in table
-    text = io.StringIO()
-    with redirect_stdout(text):
-        cli.main(["experiment=sft_30b_a3b_1x8xh100", "--json", "--gpu-gib", "40"])
-    plan = json.loads(text.getvalue())
+    plan = json.loads(_cli(["experiment=sft_30b_a3b_1x8xh100", "--json", "--gpu-gib", "40"])[1])
     assert set(memory.CATEGORIES) | {"total"} <= set(plan["worst"])
     assert plan["fits"] is False and plan["budget_bytes"] == int(40 * 2**30 * 0.9)

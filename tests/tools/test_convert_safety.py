@@ -295,7 +295,7 @@ def test_demo_deletes_only_its_own_output(tmp_path, monkeypatch):
     """A non-empty directory the demo did not make, the checkout and its parents are refused with nothing deleted;
     a previous demo output is replaced. (The demo's work is stubbed out after it claims its directory.)"""
     from qwenvl_mcore import demo, library_noise
-    from qwenvl_mcore.testing import tiny as tiny_module
+    from qwenvl_mcore.models.qwen3_vl_moe import debug_checkpoint
 
     class Claimed(Exception):
         pass
@@ -307,7 +307,7 @@ def test_demo_deletes_only_its_own_output(tmp_path, monkeypatch):
     (checkout / "qwenvl_mcore").mkdir(parents=True)
     (checkout / "README.md").write_text("mine")
     monkeypatch.setattr(demo, "ROOT", checkout)
-    monkeypatch.setattr(tiny_module, "save_tiny_hf_checkpoint", stop)
+    monkeypatch.setattr(debug_checkpoint, "save_tiny_hf_checkpoint", stop)  # where demo.main imports it from
     monkeypatch.setattr(library_noise, "install", lambda: None)  # process-wide: not for this pytest process
     mine = tmp_path / "mine"
     mine.mkdir()

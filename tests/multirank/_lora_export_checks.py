@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from qwenvl_mcore.checkpoint import model_io
 from qwenvl_mcore.lora.peft_io import gather_peft_tensors
+from qwenvl_mcore.testing.runs import train_keeping_run
 from qwenvl_mcore.training import config, trainer
 from qwenvl_mcore.training.schedule import unwrap
 
@@ -41,23 +42,6 @@ def steps_logged(run_dir: str) -> int:
         return 0
     with open(path) as f:
         return sum(json.loads(line)["kind"] == "train" for line in f if line.strip())
-
-
-def _train_keeping_run(cfg):
-    """trainer.train(cfg) and the Run it built (its model after the last step)."""
-    kept = {}
-    build = trainer.build_run
-
-    def keep(*args, **kwargs):
-        kept["run"] = build(*args, **kwargs)
-        return kept["run"]
-
-    trainer.build_run = keep
-    try:
-        status = trainer.train(cfg)
-    finally:
-        trainer.build_run = build
-    return status, kept["run"]
 
 
 def _adapters(run) -> dict[str, torch.Tensor]:
@@ -128,7 +112,7 @@ REFUSALS = {  # name: (overrides besides peft.init_from=<the named directory>)
 def export_checks(rank: int, world: int, work: str, base: str) -> dict:
     out: dict = {}
     trained = os.path.join(work, "trained")
-    status, run = _train_keeping_run(compose(trained, base, "optim.lr=2e-2", "optim.min_lr=2e-2"))
+    status, run = train_keeping_run(compose(trained, base, "optim.lr=2e-2", "optim.min_lr=2e-2"))
     out["trained_status"] = status
     out["trained"] = _adapters(run) if rank == 0 else None
     if rank != 0:
@@ -153,7 +137,7 @@ def export_checks(rank: int, world: int, work: str, base: str) -> dict:
 
     # start from the exported adapter at another layout; lr 0, so the one step leaves the adapters as loaded
     imported = os.path.join(work, "imported")
-    status, run = _train_keeping_run(compose(imported, base, f"peft.init_from={adapter}", "optim.lr=0.0",
+    status, run = train_keeping_run(compose(imported, base, f"peft.init_from={adapter}", "optim.lr=0.0",
                                              "optim.min_lr=0.0", steps=1, layout=EP2))
     out["imported_status"] = status
     out["imported"] = _adapters(run)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from qwenvl_mcore.checkpoint import model_io
 from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks
+from qwenvl_mcore.testing.runs import train_keeping_run
 from qwenvl_mcore.training import config, trainer
 from qwenvl_mcore.training.schedule import unwrap
 
@@ -67,23 +68,6 @@ def _error(fn) -> str | None:
     return None
 
 
-def _train_keeping_run(cfg) -> tuple[str, object]:
-    """trainer.train(cfg), and the Run it built (to look at the model and optimizer after the last step)."""
-    kept = {}
-    build = trainer.build_run
-
-    def keep(*args, **kwargs):
-        kept["run"] = build(*args, **kwargs)
-        return kept["run"]
-
-    trainer.build_run = keep
-    try:
-        status = trainer.train(cfg)
-    finally:
-        trainer.build_run = build
-    return status, kept["run"]
-
-
 def _frozen_base(run, base: str) -> dict:
     """After training: the base against a fresh load of `base` (bit for bit), its dtype, and what holds a gradient
     buffer or optimizer state (megatron's distributed optimizer takes its parameters from the DDP buffers)."""
@@ -114,7 +98,7 @@ def _frozen_base(run, base: str) -> dict:
 def lora_training_checks(rank: int, world: int, work: str, base: str, other_base: str) -> dict:
     out = {}
     straight = os.path.join(work, "straight")
-    status, run = _train_keeping_run(compose(straight, base))
+    status, run = train_keeping_run(compose(straight, base))
     out["straight_status"] = status
     out.update(_frozen_base(run, base))
     del run
@@ -172,7 +156,7 @@ def single_rank_run(rank: int, world: int, work: str, base: str) -> dict:
     status = trainer.train(compose(run_dir, base, steps=INVARIANCE_STEPS, layout=DP4))
     out = {"status": status, "records": records(run_dir)}
     bf16_dir = os.path.join(work, "bf16")
-    status, run = _train_keeping_run(compose(bf16_dir, base, steps=BF16_STEPS, layout=DP4,
+    status, run = train_keeping_run(compose(bf16_dir, base, steps=BF16_STEPS, layout=DP4,
                                              extra=["model.dtype=bf16"]))
     adapters = [p for c in run.chunks for p in unwrap(c).parameters() if getattr(p, "lora", False)]
     out["bf16"] = {"status": status, "records": records(bf16_dir), **_frozen_base(run, base),

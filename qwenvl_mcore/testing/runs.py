@@ -20,3 +20,15 @@ def train_keeping_run(cfg) -> tuple[str, object]:
     finally:
         trainer.build_run = build
     return status, kept["run"]
+
+
+def refusal(fn) -> str | None:
+    """Run fn(); the configuration or checkpoint error it stops with, as "Type: message", or None if it ran."""
+    from qwenvl_mcore.checkpoint import model_io
+    from qwenvl_mcore.training import config
+
+    try:
+        fn()
+    except (config.ConfigError, model_io.CheckpointError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None

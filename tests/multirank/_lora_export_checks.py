@@ -13,9 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from qwenvl_mcore.checkpoint import model_io
 from qwenvl_mcore.lora.peft_io import gather_peft_tensors
-from qwenvl_mcore.testing.runs import train_keeping_run
+from qwenvl_mcore.testing.runs import refusal, train_keeping_run
 from qwenvl_mcore.training import config, trainer
 from qwenvl_mcore.training.schedule import unwrap
 
@@ -49,14 +48,6 @@ def _adapters(run) -> dict[str, torch.Tensor]:
     chunks = [unwrap(c) for c in run.chunks]
     targets = trainer.lora_training.lora_config(run.cfg).target_set()
     return {k: v.detach().cpu().clone() for k, v in gather_peft_tensors(chunks, run.args, targets=targets).items()}
-
-
-def _error(fn) -> str | None:
-    try:
-        fn()
-    except (config.ConfigError, model_io.CheckpointError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _bad_adapters(work: str, adapter: str) -> dict[str, str]:
@@ -145,14 +136,14 @@ def export_checks(rank: int, world: int, work: str, base: str) -> dict:
     del run
 
     # resumed with another peft.init_from: ignored, the checkpoint wins (the run is complete: nothing to do)
-    out["resume_ignores_init_from"] = _error(lambda: trainer.train(compose(
+    out["resume_ignores_init_from"] = refusal(lambda: trainer.train(compose(
         imported, base, f"peft.init_from={bad['not_adapter']}", "optim.lr=0.0", "optim.min_lr=0.0", steps=1,
         layout=EP2)))
 
     for name, (directory, extra) in REFUSALS.items():
         run_dir = os.path.join(work, f"refused_{name}")
         cfg = compose(run_dir, base, f"peft.init_from={bad[directory]}", *extra, layout=EP2)
-        out[f"{name}_error"] = _error(lambda: trainer.train(cfg))
+        out[f"{name}_error"] = refusal(lambda: trainer.train(cfg))
         out[f"{name}_steps"] = steps_logged(run_dir)
     if rank == 0:
         shutil.rmtree(os.path.join(work, "llama_base"), ignore_errors=True)

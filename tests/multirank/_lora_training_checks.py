@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from qwenvl_mcore.checkpoint import model_io
 from qwenvl_mcore.models.qwen3_vl_moe.model import build_model_chunks
-from qwenvl_mcore.testing.runs import train_keeping_run
+from qwenvl_mcore.testing.runs import refusal, train_keeping_run
 from qwenvl_mcore.training import config, trainer
 from qwenvl_mcore.training.schedule import unwrap
 
@@ -58,14 +58,6 @@ def _copy_checkpoint(src_run: str, dst_run: str, step: int) -> None:
         with open(os.path.join(root, "latest"), "w") as f:
             f.write(f"step_{step:07d}\n")
     dist.barrier()
-
-
-def _error(fn) -> str | None:
-    try:
-        fn()
-    except (config.ConfigError, model_io.CheckpointError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _frozen_base(run, base: str) -> dict:
@@ -131,7 +123,7 @@ def lora_training_checks(rank: int, world: int, work: str, base: str, other_base
         cfg = compose(run_dir, run_base, extra=extra)
         if name == "full":  # a full-training run pointed at a LoRA checkpoint.dir
             cfg.peft.method = "none"
-        out[f"{name}_error"] = _error(lambda: trainer.train(cfg))
+        out[f"{name}_error"] = refusal(lambda: trainer.train(cfg))
         out[f"{name}_steps"] = len(records(run_dir))
 
     # layout invariance from the start: PP2 (x DP2), compared with one rank (single_rank_run) by the tests

@@ -197,6 +197,14 @@ class SyncCounter:
             setattr(torch, name, original)
         return False
 
+    def call_reading(self, func, args, kwargs):
+        """func(*args, **kwargs) with a host read under way: its inner aten copies are that read, not new syncs."""
+        self._reading += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._reading -= 1
+
     def _factory(self, original):
         counter = self
 
@@ -207,11 +215,7 @@ class SyncCounter:
                 device_leaves = [x for x in leaves if not counter.is_host(x)]
                 if device_leaves:
                     counter._sync("torch.tensor(list of tensors)", len(device_leaves))
-                counter._reading += 1
-                try:
-                    out = original(*args, **kwargs)
-                finally:
-                    counter._reading -= 1
+                out = counter.call_reading(original, args, kwargs)
             else:
                 out = original(*args, **kwargs)
             if isinstance(out, torch.Tensor):
@@ -303,11 +307,7 @@ class _ReadMode(TorchFunctionMode):
             return out
         if func in HOST_READS and args and isinstance(args[0], torch.Tensor):
             src = args[0]
-            c._reading += 1
-            try:
-                out = func(*args, **kwargs)
-            finally:
-                c._reading -= 1
+            out = c.call_reading(func, args, kwargs)
             if not c.is_host(src):
                 c._sync(HOST_READS[func])
                 if func is torch.Tensor.cpu:
@@ -317,11 +317,7 @@ class _ReadMode(TorchFunctionMode):
         if func in (torch.Tensor.to, torch.Tensor.cuda) and args and isinstance(args[0], torch.Tensor):
             src = args[0]
             target = _target_device(func, args, kwargs)
-            c._reading += 1
-            try:
-                out = func(*args, **kwargs)
-            finally:
-                c._reading -= 1
+            out = c.call_reading(func, args, kwargs)
             if target is None or not isinstance(out, torch.Tensor):
                 return out
             to_host = c.on_host(target)

@@ -132,6 +132,18 @@ def reduce_grads_of_identical_batches(chunks) -> None:
                 p.grad /= dp
 
 
+def worst_relative(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, str | None]:
+    """The largest per-tensor relative difference max|g - g_ref| / max(max|g_ref|, 1e-6) over `ours`' names, and
+    that tensor's name (a NaN wins, so it is never hidden)."""
+    worst, worst_name = 0.0, None
+    for name, g in ours.items():
+        r = ref[name]
+        rel = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
+        if rel > worst or math.isnan(rel):
+            worst, worst_name = rel, name
+    return worst, worst_name
+
+
 def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float = 0.0) -> dict[str, Any]:
     """One backward of (LM loss + aux_coef * aux loss) in both models; the worst relative gradient difference.
 
@@ -160,12 +172,7 @@ def compare_gradients(chunks, hf_model, batch, ctx: Context, *, aux_coef: float 
         # transformers keeps experts in its own (transposed) layout in memory: compare in that layout.
         ours.update(engine.gather_hf_tensors(model, Context(ctx.args, expert_layout=TRANSFORMERS5), source="grad"))
     hf_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in hf_model.named_parameters()}
-    worst, worst_name = 0.0, None
-    for name, g in ours.items():
-        r = hf_grads[name]
-        rel = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
-        if rel > worst or math.isnan(rel):
-            worst, worst_name = rel, name
+    worst, worst_name = worst_relative(ours, hf_grads)
     aux_diff = None
     if aux_coef > 0:
         aux_diff = max(abs(v - ref.aux_loss.item()) for v in chunks[0].routing.aux_losses())

@@ -236,12 +236,7 @@ def cp_parity_checks(layout_kwargs: dict, processor, hf) -> dict:
     ours: dict[str, torch.Tensor] = {}
     for c in chunks:
         ours.update(engine.gather_hf_tensors(c, Context(ctx.args, expert_layout=TRANSFORMERS5), source="grad"))
-    worst, worst_name = 0.0, None
-    for name, g in ours.items():
-        r = hf_grads[name]
-        rel = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
-        if rel > worst or rel != rel:
-            worst, worst_name = rel, name
+    worst, worst_name = parity.worst_relative(ours, hf_grads)
     res["grad_rel"], res["grad_worst"], res["compared"] = worst, worst_name, sorted(ours)
     res["aux_diff"] = max(abs(v - float(ref.aux_loss)) for v in model.routing.aux_losses())
     totals = model.routing.micro[0].totals()

@@ -72,16 +72,6 @@ def sharded_mismatch(chunks) -> list[str]:
     return bad
 
 
-def _rel(ours: dict, ref: dict) -> tuple[float, str | None]:
-    worst, worst_name = 0.0, None
-    for k, g in ours.items():
-        r = ref[k]
-        rel = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-6)
-        if rel > worst or rel != rel:
-            worst, worst_name = rel, k
-    return worst, worst_name
-
-
 def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bool = False,
                        train: bool = True, grouped_gemm: bool | None = None, lora: dict | None = None,
                        export_dir: str | None = None, packed: bool = False) -> dict:
@@ -150,7 +140,7 @@ def lora_parity_checks(rank: int, world: int, layout_kwargs: dict, *, subset: bo
     theirs = {PEFT_PREFIX + strip_adapter_name(n): p.grad for n, p in base.named_parameters() if ".lora_" in n}
     out["n_peft_params"] = len(theirs)
     out["grad_compared"] = sorted(ours)  # this stage's adapters; every name must be one of peft's
-    out["grad_rel"], out["grad_worst"] = _rel(ours, theirs)
+    out["grad_rel"], out["grad_worst"] = parity.worst_relative(ours, theirs)
     out["grad_zero"] = sorted(k for k, g in ours.items() if g.abs().max().item() == 0.0)
     out["base_grads"] = sorted(n for c in chunks for n, p in c.named_parameters()
                                if p.grad is not None and not getattr(p, "lora", False))

@@ -12,4 +12,4 @@ demo: env
 # Whole test suite (unit + multi-rank gloo tests on the CPU).
 test: env
 	@bash tests/slurm/ensure_slurm.sh
-	@.venv/bin/python -m pytest -q tests
+	@.venv/bin/python -m pytest -q --durations=25 tests

@@ -20,7 +20,7 @@ from qwenvl_mcore.data.build import render_options
 from qwenvl_mcore.data.mixing import dataset_specs
 from qwenvl_mcore.lora.config import LoRAConfig, LoRAConfigError
 from qwenvl_mcore.parallel.layout import ParallelLayout
-from qwenvl_mcore.training.setup import OptimSettings
+from qwenvl_mcore.training.setup import GRAD_DTYPES, OptimSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -43,6 +43,9 @@ class ModelConf:
     freeze_language: bool = False  # token embeddings, decoder layers, final norm and LM head
     recompute: str = "none"  # none | selective (core attention) | full (whole layers)
     recompute_num_layers: int = 1  # full recompute: layers per checkpointed group (uniform)
+    # At parallel.tp=1: the LM head + cross-entropy this many tokens at a time, never the whole micro-batch's logits
+    # (384 x 151,936 fp32 logits: 223 MiB); 0: all logits at once (megatron's path, always used at tp > 1)
+    loss_chunk_tokens: int = 384
 
 
 # The parallel group mirrors ParallelLayout field for field (one source of truth); OmegaConf needs a mutable class.
@@ -149,6 +152,7 @@ _CHOICES = {
     "model.dtype": ("fp32", "bf16"),
     "model.recompute": ("none", "selective", "full"),
     "optim.schedule": ("cosine", "constant", "linear"),
+    "optim.grad_dtype": GRAD_DTYPES,
     "data.overlong": ("drop", "truncate_text", "error"),
     "data.train_on": ("all", "last"),
     "logging.wandb_mode": ("offline", "online"),
@@ -262,7 +266,8 @@ _AT_LEAST_1 = ("trainer.steps", "data.num_samples", "data.seq_length", "data.glo
 _AT_LEAST_0 = {"checkpoint.every": "0 saves only at the end", "trainer.eval_every": "0 never validates",
                "data.valid_samples": "0: no synthetic validation set", "data.num_workers": "0 renders in the trainer",
                "optim.warmup_steps": "0: no warmup", "data.seed": "numpy seeds are non-negative",
-               "trainer.seed": "numpy seeds are non-negative"}
+               "trainer.seed": "numpy seeds are non-negative",
+               "model.loss_chunk_tokens": "tokens per LM-head chunk; 0: the whole micro-batch's logits at once"}
 _NON_NEGATIVE_FLOATS = ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad", "optim.vision_lr",
                         "optim.merger_lr", "model.aux_loss_coeff")
 _POSITIVE_FLOATS = ("optim.adam_eps", "data.frames_fps", "logging.peak_tflops")
@@ -290,6 +295,9 @@ def _check_numbers(cfg: DictConfig) -> None:
         if not 0 <= value < 1:
             raise ConfigError(f"{key}={value}: Adam's betas lie in [0, 1) (typical: 0.9 and 0.95).")
     o = cfg.optim
+    if o.grad_dtype == "bf16" and cfg.model.dtype != "bf16":
+        raise ConfigError(f"optim.grad_dtype=bf16 keeps gradients in the parameters' dtype, and with model.dtype="
+                          f"{cfg.model.dtype} that is {cfg.model.dtype}: set model.dtype=bf16, or optim.grad_dtype=fp32.")
     if o.schedule != "constant" and o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the schedule decays from optim.lr to "
                           "optim.min_lr; lower optim.min_lr.")

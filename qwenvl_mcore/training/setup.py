@@ -32,13 +32,23 @@ class OptimSettings:
     schedule: str = "cosine"  # cosine | constant | linear
     distributed_optimizer: bool = True
     cpu_offload: bool = False
+    # dtype of DDP's gradient buffers (accumulation over micro-batches and the data-parallel reduction): fp32, or
+    # bf16 = the parameters' dtype (megatron's grad_reduce_in_fp32=False; with bf16 parameters: half the bytes, the
+    # optimizer still casts to fp32 for its fp32 main weights)
+    grad_dtype: str = "fp32"
 
 
-def wrap_ddp(chunks: list, *, distributed_optimizer: bool) -> list:
-    """megatron DDP around each chunk (fp32 gradient reduction; only the first chunk gets buckets overlapped)."""
+GRAD_DTYPES = ("fp32", "bf16")
+
+
+def wrap_ddp(chunks: list, *, distributed_optimizer: bool, grad_dtype: str = "fp32") -> list:
+    """megatron DDP around each chunk (only the first chunk gets buckets overlapped). `grad_dtype` (optim.grad_dtype):
+    fp32 gradient buffers, or bf16 ones in the parameters' dtype (megatron's grad_reduce_in_fp32=False)."""
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"optim.grad_dtype={grad_dtype!r}: choose one of {', '.join(GRAD_DTYPES)}.")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer,
-        check_for_nan_in_grad=False)
+        grad_reduce_in_fp32=grad_dtype == "fp32", overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer, check_for_nan_in_grad=False)
     # Per-token loss: gradients are summed over data-parallel ranks (DDP reads this flag when it is built, to not
     # scale them by 1/DP) and finalize_model_grads divides them by the global number of loss tokens.
     for c in chunks:
@@ -91,14 +101,18 @@ def use_fused_torch_adam(optimizer) -> None:
     """Without Apex/transformer-engine megatron builds torch's Adam with its defaults, which on the GPU is the
     `foreach` implementation: it allocates temporaries as large as all the optimizer states of a group at once
     (about 13 GiB for the 30B model at EP8), and it launches kernels per tensor. torch's `fused` Adam updates every
-    tensor in place in a few kernels. Set before the first step, so the states (and `step`) are created for it;
-    CPU parameters keep torch's default."""
+    tensor in place in a few kernels. Set before the first step, so the states (and `step`) are created for it.
+
+    The CPU gets it too (torch's fused Adam runs there; its default there is the single-tensor loop, which reads
+    every `step` on the host): tests and CI take the GPU's code path, clipping included."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue  # Apex / transformer-engine FusedAdam, or the CPU-offload hybrid optimizer
         for group in inner.param_groups:
-            if group["params"] and all(p.is_cuda for p in group["params"]) and not group.get("capturable"):
+            params = group["params"]
+            if (params and len({p.device.type for p in params}) == 1 and params[0].device.type in ("cuda", "cpu")
+                    and not group.get("capturable")):
                 group["foreach"], group["fused"] = False, True
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs
+from qwenvl_mcore.training import optimizer_step
 from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
 
 
@@ -64,23 +65,32 @@ def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]
         # Nothing to learn from. Running the step anyway would still move the weights (Adam's momentum and weight
         # decay act without gradients); the count is global, so every rank returns here together.
         return StepResult(loss=0.0, tokens=0, aux_loss=None, grad_norm=None, skipped=False, empty=True)
+    lean = optimizer_step.lean_step_for(optimizer)  # None: megatron's own step (fallback_reason says why)
     for c in chunks:
         c.zero_grad_buffer()
         # the aux loss enters as the mean over micro-batches; the per-token loss normalisation divides by tokens
         unwrap(c).aux_loss_scale = tokens / max(filled, 1)
-    optimizer.zero_grad()
+    if lean is None:
+        optimizer.zero_grad()  # the lean step attaches views of the (zeroed) gradient buffer itself
     reports = run_microbatches(chunks, microbatches, forward_only=False, loss_for=loss_for_per_token)
     loss = float(reduce_reports(reports)[0]) / max(tokens, 1)
     model = unwrap(chunks[0])
     aux = _mean_aux(model.routing)
     load = expert_load(chunks)
     # The gradient norm is checked before the update (megatron's step would apply NaN gradients in bf16/fp32).
-    optimizer.prepare_grads()
-    norm = float(optimizer.get_grad_norm())
+    if lean is not None:
+        norm = optimizer_step.prepare(lean)
+    else:
+        optimizer.prepare_grads()
+        norm = float(optimizer.get_grad_norm())
     if not (math.isfinite(loss) and math.isfinite(norm)):
         return StepResult(loss=loss, tokens=tokens, aux_loss=aux, grad_norm=None, skipped=True, expert_load=load,
                           aux_coeff=model.aux_loss_coeff)
-    updated, grad_norm, _ = optimizer.step()
+    if lean is not None:
+        optimizer_step.step(lean, norm)
+        updated, grad_norm = True, norm
+    else:
+        updated, grad_norm, _ = optimizer.step()
     return StepResult(loss=loss, tokens=tokens, aux_loss=aux, grad_norm=None if grad_norm is None else float(grad_norm),
                       skipped=not updated, expert_load=load, aux_coeff=model.aux_loss_coeff)
 

@@ -43,6 +43,10 @@ class ModelConf:
     freeze_language: bool = False  # token embeddings, decoder layers, final norm and LM head
     recompute: str = "none"  # none | selective (core attention) | full (whole layers)
     recompute_num_layers: int = 1  # full recompute: layers per checkpointed group (uniform)
+    # Micro-batches whose images and videos the ViT encodes in one call, with one ViT backward per call (0: all of a
+    # step's; 1: one call per micro-batch). Their ViT activations stay alive until that backward: the memory planner
+    # counts them (tools/plan_memory.py). Context parallelism always runs the ViT per micro-batch.
+    vision_microbatches: int = 0
     # At parallel.tp=1: the LM head + cross-entropy this many tokens at a time, never the whole micro-batch's logits
     # (384 x 151,936 fp32 logits: 223 MiB); 0: all logits at once (megatron's path, always used at tp > 1)
     loss_chunk_tokens: int = 384
@@ -267,6 +271,7 @@ _AT_LEAST_0 = {"checkpoint.every": "0 saves only at the end", "trainer.eval_ever
                "data.valid_samples": "0: no synthetic validation set", "data.num_workers": "0 renders in the trainer",
                "optim.warmup_steps": "0: no warmup", "data.seed": "numpy seeds are non-negative",
                "trainer.seed": "numpy seeds are non-negative",
+               "model.vision_microbatches": "0 encodes all micro-batches of a step in one ViT call",
                "model.loss_chunk_tokens": "tokens per LM-head chunk; 0: the whole micro-batch's logits at once"}
 _NON_NEGATIVE_FLOATS = ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.clip_grad", "optim.vision_lr",
                         "optim.merger_lr", "model.aux_loss_coeff")

@@ -29,6 +29,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
 from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index, packed_position_ids
 from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
+from qwenvl_mcore.models.qwen3_vl_moe.vision_batch import VisualFeatures
 from qwenvl_mcore.parallel import context_parallel
 from qwenvl_mcore.parallel.distributed import pipeline_stats_group
 from qwenvl_mcore.parallel.layout import ParallelLayout
@@ -72,10 +73,15 @@ class Qwen3VLMoeModel(MegatronModule):
     order), the logits those of the whole row in row order. While training, when `routing` (a
     routing.RoutingStats, set by the schedule) is given, the routers record into it and the load-balancing loss
     (transformers' formula over all layers) enters the gradient with weight `aux_loss_coeff * aux_loss_scale`.
+
+    `vision_microbatches` is how many micro-batches of a step the schedule (training/schedule.py) encodes in one
+    ViT call (0: all of them; 1: each micro-batch runs the ViT in its own forward, as a plain call of the model
+    does); the schedule then hands each micro-batch its features (`vision_features`, see vision_batch.py).
     """
 
     def __init__(self, args: Qwen3VLMoeArgs, layout: ParallelLayout, *, dtype: torch.dtype = torch.float32,
-                 vp_stage: int | None = None, aux_loss_coeff: float | None = None, **config_overrides):
+                 vp_stage: int | None = None, aux_loss_coeff: float | None = None, vision_microbatches: int = 0,
+                 **config_overrides):
         config = language_transformer_config(args, layout, dtype=dtype, **config_overrides)
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -95,6 +101,10 @@ class Qwen3VLMoeModel(MegatronModule):
         self.aux_loss_coeff = args.text.router_aux_loss_coef if aux_loss_coeff is None else aux_loss_coeff
         self.aux_loss_scale = 1.0
         self.routing: RoutingStats | None = None
+        if vision_microbatches < 0:
+            raise ValueError(f"vision_microbatches={vision_microbatches}: must be 0 (all micro-batches of a step in "
+                             "one ViT call) or more.")
+        self.vision_microbatches = vision_microbatches
         self.pp_stats_group = pipeline_stats_group() if layout.pp > 1 else None
         self.share_embeddings_and_output_weights = args.tie_word_embeddings
         if args.tie_word_embeddings and layout.pp > 1:
@@ -194,6 +204,16 @@ class Qwen3VLMoeModel(MegatronModule):
             deep = [d.index_copy(0, rows, f) for d, f in zip(deep, ds)]
         return visual_mask, merged, deep
 
+    def _given_features(self, features: VisualFeatures, host_ids: torch.Tensor):
+        """(visual mask [b, s] on the host, merged, deepstack) of features encoded for this micro-batch by the
+        schedule (vision_batch.py), checked against its placeholder tokens."""
+        visual_mask = (host_ids == self.args.image_token_id) | (host_ids == self.args.video_token_id)
+        n_visual = int(visual_mask.sum())
+        if features.merged.shape[0] != n_visual:
+            raise ValueError(f"visual features and placeholder tokens do not match: {features.merged.shape[0]} "
+                             f"features for {n_visual} image and video tokens.")
+        return visual_mask, features.merged, features.deepstack
+
     def _attention_mask(self, attention_mask: torch.Tensor | None, s: int) -> torch.Tensor | None:
         """Causal + key-padding mask [b, 1, s, s] (True = masked), or None for plain causal attention."""
         if attention_mask is None or bool(attention_mask.all()):
@@ -205,7 +225,15 @@ class Qwen3VLMoeModel(MegatronModule):
         allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)[None]
         return ~allowed[:, None]
 
-    def forward(self, batch: MultimodalInputs, microbatch_index: int = 0) -> torch.Tensor:
+    def forward(self, batch: MultimodalInputs, microbatch_index: int = 0,
+                vision_features: VisualFeatures | None = None) -> torch.Tensor:
+        """`vision_features`: this micro-batch's visual features, already encoded (the schedule's batched ViT,
+        vision_batch.py; first stage only, not under context parallelism); None: the ViT runs here."""
+        if vision_features is not None:
+            if self.cp_group is not None:
+                raise ValueError("vision_features under context parallelism: each CP rank encodes its share of the "
+                                 "frames in the model's forward; pass none.")
+            batch = replace(batch, pixel_values=None, pixel_values_videos=None)  # encoded: keep them off the device
         tp = self.config.tensor_model_parallel_size
         sp = self.config.sequence_parallel
         cp = self.config.context_parallel_size
@@ -247,7 +275,10 @@ class Qwen3VLMoeModel(MegatronModule):
             hidden = self.embedding(batch.input_ids)  # [s/tp, b, h] under SP, else [b, s, h]
             if not sp:
                 hidden = hidden.transpose(0, 1).contiguous()
-            visual = self._visual_features(batch, host_ids)
+            if vision_features is not None:
+                visual = self._given_features(vision_features, host_ids)
+            else:
+                visual = self._visual_features(batch, host_ids)
             if visual is not None:
                 visual_mask, merged, deep = visual
                 if sp:

@@ -14,9 +14,10 @@ PACKED_PAD = 7  # padding after the samples: an odd row, which sequence parallel
 
 
 def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_overrides: dict | None = None, *,
-                  packed: bool = False, cp_layouts: dict | None = None) -> dict:
+                  packed: bool = False, cp_layouts: dict | None = None, vision_batch: bool = False) -> dict:
     """Forward reports (last pipeline stage only; None elsewhere), MRoPE equality (rank 0), and gradient reports
-    (every stage: its own parameters); the aux-loss check too; with `packed`, the packed-row checks. Then, in the
+    (every stage: its own parameters); the aux-loss check too; with `packed`, the packed-row checks; with
+    `vision_batch`, the batched-ViT checks (_vision_batch_checks.py) under out["vision_batch"]. Then, in the
     same processes, the context-parallel checks of each of `cp_layouts` (name -> layout kwargs; see
     _context_parallel_checks.cp_parity_checks) under out["cp"][name]."""
     layout = ParallelLayout(**layout_kwargs)
@@ -48,6 +49,10 @@ def parity_checks(rank: int, world: int, layout_kwargs: dict, grads: bool, hf_ov
                                                    aux_coef=0.5)
     if packed:
         out["packed"] = packed_checks(chunks, hf, processor)
+    if vision_batch:
+        from _vision_batch_checks import vision_batch_checks
+
+        out["vision_batch"] = vision_batch_checks(chunks, hf, processor, layout)
     if cp_layouts:
         from _context_parallel_checks import cp_parity_checks
 

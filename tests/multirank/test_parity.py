@@ -32,6 +32,8 @@ SHARED_LAUNCHES = (("pp3_uneven", "pp3_vpp2_uneven"),)
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-4
 # Layouts whose launch also runs the packed-row checks (one rank as the reference, TP2xEP2 with SP, and PP2).
 PACKED_LAYOUTS = ("tp1_ep1", "tp2_ep2_sp", "pp2_tp2_ep2_sp")
+# The launch that also runs the batched-ViT checks (_vision_batch_checks.py; one rank: tests/unit/test_vision_batch.py)
+VISION_BATCH_LAYOUT = "pp2_tp2_ep2_sp"
 # Context-parallel layouts, each checked inside the launch of a layout with as many ranks (no launch of their own):
 # name -> (host layout, layout kwargs). See _context_parallel_checks.cp_parity_checks.
 CP_LAYOUTS = {
@@ -54,7 +56,8 @@ def _launch(name: str):
         return name, layout, [results[shared.index(name)] for results in per_rank]
     cp_layouts = {cp: kwargs for cp, (host, kwargs) in CP_LAYOUTS.items() if host == name}
     return name, layout, run_on_ranks(parity_checks, world, layout, True, *hf_overrides,
-                                      packed=name in PACKED_LAYOUTS, cp_layouts=cp_layouts)
+                                      packed=name in PACKED_LAYOUTS, cp_layouts=cp_layouts,
+                                      vision_batch=name == VISION_BATCH_LAYOUT)
 
 
 @functools.cache
@@ -175,6 +178,36 @@ def test_packed_gradients_and_routing(packed_launch):
         assert r["dispatched_empty"] == 0, (name, rank, r)
         if result["last_stage"]:
             assert r["empty_loss"] == 0.0 and r["empty_finite"], (name, rank, r)
+
+
+def test_vision_batch_equals_the_vit_per_micro_batch():
+    """PP2 (1F1B) x TP2 x EP2 with SP, four two-row micro-batches (images and videos interleaved, one without any):
+    the ViT once over all of them, in groups of two, and in groups of three and one, against once per micro-batch:
+    every gradient of every rank within 1e-6 relative and the same losses; one ViT call per group on the first
+    stage's ranks (none on the second); each micro-batch's features of one call equal its own; two whole training
+    steps (DDP, distributed Adam, finalize_model_grads) give the same losses, grad norms and aux losses (1e-6)."""
+    results = _launch(VISION_BATCH_LAYOUT)[2]
+    assert len(results) == 4 and {r["vision_batch"]["pp_rank"] for r in results} == {0, 1}
+    for rank, result in enumerate(results):
+        r = result["vision_batch"]
+        first = r["pp_rank"] == 0
+        g = r["gradients"]
+        assert g["calls_per_microbatch"] == (6 if first else 0), (rank, g)
+        for value, s in g["settings"].items():
+            assert s["calls"] == ({0: 1, 2: 2, 3: 2}[value] if first else 0), (rank, value, s)
+            assert s["vision_rel"] <= 1e-6 and s["other_rel"] <= 1e-6, (rank, value, s)
+            assert s["loss_diff"] <= 1e-6 and s["losses"] == (0 if first else 4), (rank, value, s)
+        if first:
+            assert g["vision_params"] > 20 and g["vision_grad_max"] > 0, (rank, g)
+            assert r["features"]["compared"] == 9 and r["features"]["feature_rel"] <= 1e-6, (rank, r["features"])
+        else:
+            assert g["vision_params"] == 0 and r["features"] is None
+        ref = r["steps"][1]
+        for value, got in r["steps"].items():
+            for (loss, norm, aux), (loss_r, norm_r, aux_r) in zip(got, ref, strict=True):
+                assert abs(loss - loss_r) <= 1e-6 * abs(loss_r) and abs(norm - norm_r) <= 1e-6 * abs(norm_r), (
+                    rank, value, got, ref)
+                assert abs(aux - aux_r) <= 1e-6, (rank, value, got, ref)
 
 
 @pytest.mark.parametrize("cp_name", list(CP_LAYOUTS))

@@ -114,6 +114,7 @@ def _check_parity(rank: int, world_size: int, tp: int) -> dict:
         "merged": (merged - ref.pooler_output).abs().max().item(),
         "deepstack": [(a - b).abs().max().item() for a, b in zip(deepstack, ref.deepstack_features)],
         "merged_out": merged.detach(),
+        "blocks_impl": ours.blocks_impl(),
     }
 
     # The same scalar on both sides: random projections of every output.
@@ -157,8 +158,10 @@ def _assert_parity(res: dict) -> None:
 
 def test_vision_tp1_matches_transformers(tp1):
     """At TP1 the merged and every DeepStack output equal transformers' ViT (fp32, max abs diff <= 1e-5), and
-    gradients of a scalar of all outputs are finite on every parameter and equal transformers' (rel. 1e-4)."""
+    gradients of a scalar of all outputs are finite on every parameter and equal transformers' (rel. 1e-4). The
+    blocks run on plain torch ops there (vision_blocks.py)."""
     _assert_parity(tp1[0])
+    assert tp1[0]["blocks_impl"] == "torch"
 
 
 def test_vision_tp2_matches_transformers(tp2):
@@ -166,6 +169,7 @@ def test_vision_tp2_matches_transformers(tp2):
     ranks, and each rank's gradient shards are finite and equal the matching slices of transformers' gradients."""
     for res in tp2:
         _assert_parity(res)
+        assert res["blocks_impl"] == "megatron"  # megatron's modules at TP>1
     assert torch.equal(tp2[0]["merged_out"], tp2[1]["merged_out"])
 
 

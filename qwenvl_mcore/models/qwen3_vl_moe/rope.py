@@ -25,6 +25,7 @@ megatron and transformers' text path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "VisionRotaryEmbedding",
     "vision_patch_positions",
     "vision_rotary_angles",
+    "to_device",
     "apply_rotary",
 ]
 
@@ -424,30 +426,46 @@ class MRotaryEmbedding(_Float32InvFreq):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def to_device(t: Tensor, device: torch.device | str | None) -> Tensor:
+    """`t` (built on the host) on `device`: an asynchronous copy (`non_blocking`), so the host does not wait for
+    the device's queue; the copy is staged at once, so `t` may be freed or reused right after."""
+    if device is None or torch.device(device) == t.device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+@lru_cache(maxsize=4096)
+def _frame_patch_positions(h: int, w: int, m: int) -> Tensor:
+    """(row, col) of the h*w patches of one frame in the vision tower's patch order, [h*w, 2] long on the host
+    (cached per frame size: read-only)."""
+    if h % m or w % m:
+        raise ValueError(f"grid (h={h}, w={w}) is not divisible by spatial_merge_size {m}")
+    blk_h = torch.arange(h // m).view(-1, 1, 1, 1) * m
+    blk_w = torch.arange(w // m).view(1, -1, 1, 1) * m
+    in_h = torch.arange(m).view(1, 1, -1, 1)
+    in_w = torch.arange(m).view(1, 1, 1, -1)
+    shape = (h // m, w // m, m, m)
+    return torch.stack(((blk_h + in_h).expand(shape).reshape(-1), (blk_w + in_w).expand(shape).reshape(-1)), -1)
+
+
 def vision_patch_positions(grid_thw: GridLike, spatial_merge_size: int, device: torch.device | None = None) -> Tensor:
     """``LongTensor [num_patches, 2]`` of (h, w) patch coordinates in the vision tower's patch order.
 
     Per image / video (in order), per frame: the ``merge x merge`` blocks in row-major block order, and inside a
     block its patches row-major -- the order in which the processor emits patches, so that the merger can fold
     each 2x2 block into one token.  Frames of a video repeat the same coordinates.
+
+    ``grid_thw``: a ``[n, 3]`` tensor or a list of (t, h, w); a grid on the host (a list or a CPU tensor) is read
+    without a device sync. The table is built on the host and copied to ``device`` (default: the grid tensor's
+    device, else the CPU) without waiting (see :func:`to_device`).
     """
     if device is None:
         device = grid_thw.device if isinstance(grid_thw, Tensor) else torch.device("cpu")
     m = spatial_merge_size
-    out = []
-    for t, h, w in _grid_rows(grid_thw, "grid_thw"):
-        if h % m or w % m:
-            raise ValueError(f"grid {(t, h, w)} is not divisible by spatial_merge_size {m}")
-        blk_h = torch.arange(h // m, device=device).view(-1, 1, 1, 1) * m
-        blk_w = torch.arange(w // m, device=device).view(1, -1, 1, 1) * m
-        in_h = torch.arange(m, device=device).view(1, 1, -1, 1)
-        in_w = torch.arange(m, device=device).view(1, 1, 1, -1)
-        shape = (h // m, w // m, m, m)
-        hw = torch.stack(((blk_h + in_h).expand(shape).reshape(-1), (blk_w + in_w).expand(shape).reshape(-1)), -1)
-        out.append(hw.repeat(t, 1))
-    if not out:
+    frames = [_frame_patch_positions(h, w, m) for t, h, w in _grid_rows(grid_thw, "grid_thw") for _ in range(t)]
+    if not frames:
         return torch.zeros(0, 2, dtype=torch.long, device=device)
-    return torch.cat(out)
+    return to_device(torch.cat(frames), device)
 
 
 class VisionRotaryEmbedding(_Float32InvFreq):
@@ -484,10 +502,26 @@ class VisionRotaryEmbedding(_Float32InvFreq):
 
 
 def vision_rotary_angles(
-    grid_thw: GridLike, *, head_dim: int, spatial_merge_size: int, theta: float = 10000.0
+    grid_thw: GridLike, *, head_dim: int, spatial_merge_size: int, theta: float = 10000.0,
+    device: torch.device | str | None = None,
 ) -> Tensor:
-    """Functional form of :class:`VisionRotaryEmbedding`: float32 ``[num_patches, 1, 1, head_dim]``."""
-    return VisionRotaryEmbedding(head_dim, spatial_merge_size, theta)(grid_thw)
+    """Functional form of :class:`VisionRotaryEmbedding`: float32 ``[num_patches, 1, 1, head_dim]`` on ``device``
+    (default: the grid tensor's device, else the CPU). The patch positions and frequencies are made on the host and
+    copied without waiting; the angles are computed on ``device``, the same products as the module's."""
+    if device is None:
+        device = grid_thw.device if isinstance(grid_thw, Tensor) else torch.device("cpu")
+    pos = vision_patch_positions(grid_thw, spatial_merge_size, device=device)
+    inv_freq = to_device(_vision_inv_freq(int(head_dim), float(theta)), device)
+    freqs = pos.float().unsqueeze(-1) * inv_freq  # [n, 2, head_dim/4]
+    half = freqs.flatten(1)  # cat(h * inv_freq, w * inv_freq): [n, head_dim/2]
+    return torch.cat((half, half), dim=-1)[:, None, None, :]
+
+
+@lru_cache(maxsize=16)
+def _vision_inv_freq(head_dim: int, theta: float) -> Tensor:
+    if head_dim <= 0 or head_dim % 4:
+        raise ValueError(f"vision head_dim must be a positive multiple of 4, got {head_dim}")
+    return _rope_inv_freq(head_dim // 2, theta)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ TP ranks. The patch embedding, position table and norms are replicated.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,13 @@ from qwenvl_mcore.models.qwen3_vl_moe.attention import (
     SegmentSelfAttention,
 )
 from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
-from qwenvl_mcore.models.qwen3_vl_moe.rope import vision_patch_positions, vision_rotary_angles
+from qwenvl_mcore.models.qwen3_vl_moe.rope import to_device, vision_patch_positions, vision_rotary_angles
+from qwenvl_mcore.models.qwen3_vl_moe.vision_blocks import (
+    BLOCK_IMPLS,
+    plain_blocks_forward,
+    plain_merger_forward,
+    plain_path_problem,
+)
 
 __all__ = [
     "VisionModel",
@@ -87,46 +93,50 @@ def vision_layer_spec() -> ModuleSpec:
     )
 
 
-def _grid_list(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
-    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-        raise ValueError(f"grid_thw must be [n, 3] (t, h, w per image/video), got shape {tuple(grid_thw.shape)}")
-    return [(int(t), int(h), int(w)) for t, h, w in grid_thw.tolist()]
+def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
+    """(t, h, w) per image/video as Python ints. `grid_thw`: a [n, 3] tensor (read once; a tensor on a GPU costs
+    one device sync, one on the host none) or a sequence of triples (already on the host)."""
+    if isinstance(grid_thw, torch.Tensor):
+        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+            raise ValueError(f"grid_thw must be [n, 3] (t, h, w per image/video), got shape {tuple(grid_thw.shape)}")
+        rows = grid_thw.tolist()
+    else:
+        rows = [tuple(r) for r in grid_thw]
+        if any(len(r) != 3 for r in rows):
+            raise ValueError(f"grid_thw must hold (t, h, w) triples, got {rows!r}")
+    return [(int(t), int(h), int(w)) for t, h, w in rows]
 
 
-def vision_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+def _grid_device(grid_thw, device):
+    if device is not None:
+        return device
+    return grid_thw.device if isinstance(grid_thw, torch.Tensor) else torch.device("cpu")
+
+
+def vision_cu_seqlens(grid_thw) -> torch.Tensor:
     """int32 [num_segments + 1] boundaries of the ViT attention segments: one segment of h*w patches per frame of
     each image / video (t segments for a grid with temporal size t), in patch order, starting at 0."""
     return vision_segments(grid_thw).cu_seqlens
 
 
-def vision_segments(grid_thw: torch.Tensor, device: torch.device | str | None = None) -> AttentionSegments:
+def vision_segments(grid_thw, device: torch.device | str | None = None) -> AttentionSegments:
     """The ViT's attention segments (bidirectional): a patch attends exactly to the patches of its own frame of its
-    own image/video (see `vision_cu_seqlens`), as transformers' ViT does."""
+    own image/video (see `vision_cu_seqlens`), as transformers' ViT does. Built on the host, the boundaries copied
+    to `device` (default: the grid's) without waiting."""
     lengths = [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
-    return AttentionSegments.from_lengths(lengths, causal=False,
-                                          device=device if device is not None else grid_thw.device)
+    segments = AttentionSegments.from_lengths(lengths, causal=False)
+    segments.cu_seqlens = to_device(segments.cu_seqlens, _grid_device(grid_thw, device))
+    return segments
 
 
-def interpolated_position_embeddings(
-    table: torch.Tensor, grid_thw: torch.Tensor, spatial_merge_size: int
-) -> torch.Tensor:
-    """Learned positions [N, hidden] (float32 when `table` is lower precision) for every patch, in patch order.
-
-    `table` is the [side*side, hidden] learned grid. Each image's h x w patch grid is sampled from it bilinearly with
-    corner alignment (patch row r maps to r*(side-1)/(h-1) on the table; likewise columns), the same taps and
-    weights as transformers' `get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True)`.
-    All frames of a video get the same positions. The weights are float32 and the weighted sum is taken in the
-    promoted dtype, as transformers does, before the caller casts to the activation dtype.
-    """
-    side = int(round(table.shape[0] ** 0.5))
-    if side * side != table.shape[0]:
-        raise ValueError(f"position table has {table.shape[0]} rows, not a square number")
-    grids = _grid_list(grid_thw)
-    device = table.device
-    pos = vision_patch_positions(grid_thw, spatial_merge_size, device=device)  # [N, 2] (row, col)
-    counts = torch.tensor([t * h * w for t, h, w in grids], device=device)
-    heights = torch.repeat_interleave(torch.tensor([h for _, h, _ in grids], device=device), counts)
-    widths = torch.repeat_interleave(torch.tensor([w for _, _, w in grids], device=device), counts)
+@lru_cache(maxsize=4096)
+def _frame_position_taps(h: int, w: int, side: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear taps [h*w, 4] (long rows of the side x side table) and weights [h*w, 4] (float32) of one h x w
+    frame, in patch order, on the host (cached per frame size: read-only)."""
+    pos = vision_patch_positions([(1, h, w)], merge)  # [h*w, 2] (row, col), host
+    n = pos.shape[0]
+    heights = torch.full((n,), h, dtype=torch.long)
+    widths = torch.full((n,), w, dtype=torch.long)
 
     def axis(index: torch.Tensor, size: torch.Tensor):
         # Source coordinate on the table; clamp(size-1, min=1) keeps a 1-patch axis at coordinate 0.
@@ -139,8 +149,32 @@ def interpolated_position_embeddings(
 
     r0, r1, wr0, wr1 = axis(pos[:, 0], heights)
     c0, c1, wc0, wc1 = axis(pos[:, 1], widths)
-    taps = torch.stack((r0 * side + c0, r0 * side + c1, r1 * side + c0, r1 * side + c1), dim=1)  # [N, 4]
-    weights = torch.stack((wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1), dim=1)  # [N, 4] float32
+    taps = torch.stack((r0 * side + c0, r0 * side + c1, r1 * side + c0, r1 * side + c1), dim=1)  # [n, 4]
+    weights = torch.stack((wr0 * wc0, wr0 * wc1, wr1 * wc0, wr1 * wc1), dim=1)  # [n, 4] float32
+    return taps, weights
+
+
+def interpolated_position_embeddings(table: torch.Tensor, grid_thw, spatial_merge_size: int) -> torch.Tensor:
+    """Learned positions [N, hidden] (float32 when `table` is lower precision) for every patch, in patch order.
+
+    `table` is the [side*side, hidden] learned grid. Each image's h x w patch grid is sampled from it bilinearly with
+    corner alignment (patch row r maps to r*(side-1)/(h-1) on the table; likewise columns), the same taps and
+    weights as transformers' `get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True)`.
+    All frames of a video get the same positions. The weights are float32 and the weighted sum is taken in the
+    promoted dtype, as transformers does, before the caller casts to the activation dtype.
+
+    The taps and weights are computed on the host from the grid (a list, or a tensor read once) and copied to the
+    table's device without waiting: no device sync when the grid is on the host.
+    """
+    side = int(round(table.shape[0] ** 0.5))
+    if side * side != table.shape[0]:
+        raise ValueError(f"position table has {table.shape[0]} rows, not a square number")
+    frames = [_frame_position_taps(h, w, side, spatial_merge_size)
+              for t, h, w in _grid_list(grid_thw) for _ in range(t)]
+    if not frames:
+        return table.new_zeros(0, table.shape[1], dtype=torch.promote_types(table.dtype, torch.float32))
+    taps = to_device(torch.cat([f[0] for f in frames]), table.device)
+    weights = to_device(torch.cat([f[1] for f in frames]), table.device)
     return (F.embedding(taps, table) * weights[:, :, None]).sum(1)
 
 
@@ -204,7 +238,17 @@ class VisionModel(MegatronModule):
     `config` is `vision_transformer_config(args, layout)`. `pixel_values` rows are patches in the processor's order
     (see the module docstring); N must equal sum(t*h*w) of `grid_thw`, with h and w divisible by the merge size.
     Outputs are in the dtype of the parameters and identical on all TP ranks.
+
+    `grid_thw` may stay on the host (a CPU tensor or a list of (t, h, w)): every grid table (positions, rotary
+    angles, attention segments) is then built on the host and copied to the device without waiting, so the tower
+    never syncs; a grid on the GPU is read back once.
+
+    `block_impl` (attribute, default "auto"): how the blocks and mergers run, see vision_blocks.py. "auto" runs
+    them on plain torch ops over these same parameters at TP=1 ("torch") and through megatron's modules otherwise;
+    "torch_exact" replays megatron's op order bit for bit; "megatron" always uses megatron's modules.
     """
+
+    block_impl: str = "auto"
 
     def __init__(self, args: Qwen3VLMoeArgs, config: TransformerConfig):
         super().__init__(config=config)
@@ -267,39 +311,66 @@ class VisionModel(MegatronModule):
                                                      tp_group=tp_group))
         return sd
 
-    def embed_patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def embed_patches(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """Patch embedding + interpolated learned positions: [N, C*T*P*P] -> [N, hidden] (parameter dtype)."""
         x = self.patch_embed(pixel_values)
         pos = interpolated_position_embeddings(self.pos_embed.weight, grid_thw, self.spatial_merge_size)
         return x + pos.to(x.dtype)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
-        self._check_inputs(pixel_values, grid_thw)
-        grid_thw = grid_thw.to(pixel_values.device)
-        hidden = self.embed_patches(pixel_values, grid_thw)
+    def blocks_impl(self) -> str:
+        """The implementation `block_impl` selects now: "torch", "torch_exact" or "megatron" (see vision_blocks).
+        "auto" is "torch" when `plain_path_problem` finds nothing, else "megatron"; "torch"/"torch_exact" where it
+        finds something is an error naming it."""
+        if self.block_impl not in BLOCK_IMPLS:
+            raise ValueError(f"VisionModel.block_impl={self.block_impl!r}: choose one of {', '.join(BLOCK_IMPLS)}")
+        if self.block_impl == "megatron":
+            return "megatron"
+        problem = plain_path_problem(self.config, self.decoder.layers)
+        if problem is None:
+            return "torch" if self.block_impl == "auto" else self.block_impl
+        if self.block_impl == "auto":
+            return "megatron"
+        raise ValueError(f"VisionModel.block_impl={self.block_impl!r} cannot run this ViT: {problem}; "
+                         f"use block_impl='auto' or 'megatron'.")
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw):
+        grids = _grid_list(grid_thw)  # the one host read of the grid (none when it is on the host)
+        self._check_inputs(pixel_values, grids)
+        hidden = self.embed_patches(pixel_values, grids)
         rotary = vision_rotary_angles(
-            grid_thw, head_dim=self.vision_args.head_dim, spatial_merge_size=self.spatial_merge_size,
-            theta=self.rope_theta,
-        ).to(hidden.device)
-        attention = AttentionContext(vision_segments(grid_thw, hidden.device), RotaryTables(rotary, hidden.dtype))
+            grids, head_dim=self.vision_args.head_dim, spatial_merge_size=self.spatial_merge_size,
+            theta=self.rope_theta, device=hidden.device,
+        )
+        attention = AttentionContext(vision_segments(grids, hidden.device), RotaryTables(rotary, hidden.dtype))
 
         # The block returns the outputs of the requested layers in layer order; transformers pairs each with the
         # merger at that layer's position in deepstack_visual_indexes.
         taps = sorted(set(self.deepstack_visual_indexes))
-        out = self.decoder(
-            hidden_states=hidden.unsqueeze(1), attention_mask=attention, rotary_pos_emb=None,
-            extract_layer_indices=set(taps),
-        )
-        hidden, intermediates = out if taps else (out, [])
+        impl = self.blocks_impl()
+        if impl == "megatron":
+            out = self.decoder(
+                hidden_states=hidden.unsqueeze(1), attention_mask=attention, rotary_pos_emb=None,
+                extract_layer_indices=set(taps),
+            )
+            hidden, intermediates = out if taps else (out, [])
+            hidden, intermediates = hidden.squeeze(1), [h.squeeze(1) for h in intermediates]
+
+            def merge(merger, x):
+                return merger(x)
+        else:
+            exact = impl == "torch_exact"
+            hidden, intermediates = plain_blocks_forward(self.decoder, hidden, attention, taps, exact=exact)
+
+            def merge(merger, x):
+                return plain_merger_forward(merger, x, exact=exact)
         deepstack = [
-            self.deepstack_mergers[self.deepstack_visual_indexes.index(layer)](h.squeeze(1))
+            merge(self.deepstack_mergers[self.deepstack_visual_indexes.index(layer)], h)
             for layer, h in zip(taps, intermediates)
         ]
-        merged = self.merger(hidden.squeeze(1))
+        merged = merge(self.merger, hidden)
         return merged, deepstack
 
-    def _check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-        grids = _grid_list(grid_thw)
+    def _check_inputs(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> None:
         m = self.spatial_merge_size
         for t, h, w in grids:
             if t < 1 or h % m or w % m or h < 1 or w < 1:

@@ -47,7 +47,8 @@ def compare_steps(layout_kwargs: dict, *, steps: int = 3, clip_grad: float = 1.0
                 if not p.requires_grad}
         wrapped = wrap_ddp(chunks, distributed_optimizer=distributed_optimizer, grad_dtype=grad_dtype)
         optimizer, scheduler = build_optimizer(
-            wrapped, OptimSettings(lr=3e-3, schedule="constant", clip_grad=clip_grad, weight_decay=0.1), steps=steps)
+            wrapped, OptimSettings(lr=3e-3, schedule="constant", clip_grad=clip_grad, weight_decay=0.1,
+                                   distributed_optimizer=distributed_optimizer), steps=steps)
         if name == "megatron":
             optimizer_step.use_megatron_step(optimizer)
         results, snapshots = [], []

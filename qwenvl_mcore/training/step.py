@@ -70,8 +70,9 @@ def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]
         c.zero_grad_buffer()
         # the aux loss enters as the mean over micro-batches; the per-token loss normalisation divides by tokens
         unwrap(c).aux_loss_scale = tokens / max(filled, 1)
-    if lean is None:
-        optimizer.zero_grad()  # the lean step attaches views of the (zeroed) gradient buffer itself
+    # also for the lean step, which attaches the gradients again after the backward passes: a non-distributed
+    # optimizer's parameters are the model's, whose `.grad` autograd would otherwise accumulate into
+    optimizer.zero_grad()
     reports = run_microbatches(chunks, microbatches, forward_only=False, loss_for=loss_for_per_token)
     loss = float(reduce_reports(reports)[0]) / max(tokens, 1)
     model = unwrap(chunks[0])
@@ -109,14 +110,20 @@ def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torc
 
 def _mean_aux(routing) -> float | None:
     """Mean of the micro-batches' load-balancing losses over this rank's micro-batches and the DP ranks (each
-    micro-batch's value already spans every layer, SP rank, CP rank and pipeline stage)."""
+    micro-batch's value already spans every layer, SP rank, CP rank and pipeline stage). The sums stay on the
+    device (routing.RoutingStats.aux_loss_total) up to one host read here; an object that only lists its values
+    (`aux_losses`) is summed on the host."""
     if routing is None:  # the same on every rank: a model without routers
         return None
     # A rank whose micro-batches are all padding has no value, but it must join the all-reduce all the same.
-    values = routing.aux_losses()
-    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if hasattr(routing, "aux_loss_total"):
+        total = routing.aux_loss_total()
+    else:
+        values = routing.aux_losses()
+        total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return float(total[0] / total[1]) if total[1] > 0 else None
+    value_sum, count = total.tolist()
+    return value_sum / count if count > 0 else None
 
 
 def expert_load(chunks: list) -> list[float] | None:
@@ -125,8 +132,9 @@ def expert_load(chunks: list) -> list[float] | None:
     model = unwrap(chunks[0])
     if model.routing is None:
         return None
-    # no early return for a rank without micro-batch statistics: its zero counts join the collectives below
-    counts = model.routing.layer_counts(model.args.text.num_hidden_layers)
+    # no early return for a rank without micro-batch statistics: its zero counts join the collectives below; the
+    # counts stay on the device until the one read of the ratios
+    counts = model.routing.layer_counts(model.args.text.num_hidden_layers, device=model.device)
     if model.config.sequence_parallel:
         dist.all_reduce(counts, group=parallel_state.get_tensor_model_parallel_group())
     if parallel_state.get_context_parallel_world_size() > 1:

@@ -337,6 +337,7 @@ def build_run(cfg: DictConfig, start: RunStart) -> Run:
         raise ConfigError("optim.cpu_offload=true moves optimizer states from the GPU to the host: it needs a GPU; "
                           "set optim.cpu_offload=false.")
     chunks = build_model_chunks(args, layout, dtype=DTYPES[cfg.model.dtype], aux_loss_coeff=cfg.model.aux_loss_coeff,
+                                loss_chunk_tokens=cfg.model.loss_chunk_tokens,
                                 vision_microbatches=cfg.model.vision_microbatches,
                                 **_recompute_overrides(cfg))
     resume_from = start.resume_from

@@ -26,6 +26,7 @@ from qwenvl_mcore.models.qwen3_vl_moe.language import (
 )
 from qwenvl_mcore.models.qwen3_vl_moe.layers import Norm
 from qwenvl_mcore.models.qwen3_vl_moe.layout_checks import validate_layout
+from qwenvl_mcore.models.qwen3_vl_moe.lm_loss import DEFAULT_CHUNK_TOKENS, token_losses
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
 from qwenvl_mcore.models.qwen3_vl_moe.rope import MRotaryEmbedding, get_rope_index, packed_position_ids
 from qwenvl_mcore.models.qwen3_vl_moe.vision import VisionModel
@@ -81,7 +82,7 @@ class Qwen3VLMoeModel(MegatronModule):
 
     def __init__(self, args: Qwen3VLMoeArgs, layout: ParallelLayout, *, dtype: torch.dtype = torch.float32,
                  vp_stage: int | None = None, aux_loss_coeff: float | None = None, vision_microbatches: int = 0,
-                 **config_overrides):
+                 loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, **config_overrides):
         config = language_transformer_config(args, layout, dtype=dtype, **config_overrides)
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -130,6 +131,12 @@ class Qwen3VLMoeModel(MegatronModule):
                 skip_bias_add=False, gather_output=False,
                 skip_weight_param_allocation=self.pre_process and self.share_embeddings_and_output_weights,
             )
+        # Tokens per chunk of the LM head + loss at TP=1 (lm_loss.py: never the full logits); 0: the full logits
+        # through megatron's ColumnParallelLinear, as at TP>1.
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens}: tokens per LM-head chunk, at least 1 (0: the "
+                             "whole micro-batch's logits at once).")
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     @property
     def device(self) -> torch.device:
@@ -225,6 +232,15 @@ class Qwen3VLMoeModel(MegatronModule):
         allowed |= torch.eye(s, dtype=torch.bool, device=valid.device)[None]
         return ~allowed[:, None]
 
+    def _chunked_loss(self) -> bool:
+        """Whether the LM head + loss run in row chunks (lm_loss.py): TP=1, `loss_chunk_tokens` set, and the output
+        layer megatron's plain ColumnParallelLinear computing its weight gradient in backward (LoRA adapters on it,
+        which change its class, or deferred/fused wgrad keep megatron's path)."""
+        c = self.config
+        return (self.loss_chunk_tokens > 0 and c.tensor_model_parallel_size == 1
+                and type(self.output_layer) is ColumnParallelLinear
+                and not c.gradient_accumulation_fusion and not c.defer_embedding_wgrad_compute)
+
     def forward(self, batch: MultimodalInputs, microbatch_index: int = 0,
                 vision_features: VisualFeatures | None = None) -> torch.Tensor:
         """`vision_features`: this micro-batch's visual features, already encoded (the schedule's batched ViT,
@@ -311,6 +327,13 @@ class Qwen3VLMoeModel(MegatronModule):
         if not self.post_process:
             return hidden
         weight = self.embedding.weight if (self.share_embeddings_and_output_weights and self.pre_process) else None
+        if batch.labels is not None and self._chunked_loss():  # per-token losses, never the full logits
+            labels = batch.labels
+            if split is None:
+                hidden, labels = hidden[:s_orig], labels[:, :s_orig]
+            loss = token_losses(hidden, self.output_layer.weight if weight is None else weight,
+                                labels.transpose(0, 1), IGNORE_INDEX, self.loss_chunk_tokens)
+            return loss.transpose(0, 1).contiguous()
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/tp]
         if split is not None:
             if batch.labels is None:  # logits of the whole row in its order on every CP rank

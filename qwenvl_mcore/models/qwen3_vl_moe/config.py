@@ -295,8 +295,9 @@ def _common_config_kwargs(layout, *, dtype: torch.dtype, init_std: float) -> dic
 
 
 def language_transformer_config(args: Qwen3VLMoeArgs, layout, *, dtype: torch.dtype = torch.float32, **overrides):
-    """megatron TransformerConfig of the MoE language model (fp32 router, softmax-then-renormalised top-k)."""
-    from megatron.core.transformer import TransformerConfig
+    """megatron TransformerConfig of the MoE language model (fp32 router, softmax-then-renormalised top-k), with
+    this project's MoE setting `moe_local_dispatcher` (default True; see `moe_dispatcher`)."""
+    from qwenvl_mcore.models.qwen3_vl_moe.dispatch import LanguageTransformerConfig
 
     t = args.text
     on_gpu = torch.cuda.is_available()
@@ -329,16 +330,29 @@ def language_transformer_config(args: Qwen3VLMoeArgs, layout, *, dtype: torch.dt
         # The aux loss follows transformers' formula and is computed by our router (layers.Qwen3VLRouter).
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
+        # Layers with EP = expert-TP = 1 use the project's dispatcher (moe_dispatcher below); the others megatron's:
         # alltoall needs CUDA streams; allgather (CPU) needs the same token count on every rank of an EP group,
         # i.e. micro-batches of one length on every data-parallel rank (the trainer pads to a fixed length).
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_local_dispatcher=True,
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         # Pipeline stages exchange activation shapes first, so micro-batches may differ in length (alltoall only).
         variable_seq_lengths=layout.pp > 1 and on_gpu,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return LanguageTransformerConfig(**kwargs)
+
+
+def moe_dispatcher(config, ep_size: int, expert_tp_size: int) -> str:
+    """The token dispatcher of an MoE layer: "local" (dispatch.LocalTokenDispatcher: no host sync, fixed shapes, no
+    atomics) where `config.moe_local_dispatcher` is set, the layer's experts all live on its rank (expert-parallel
+    and expert-tensor-parallel size 1, any attention TP/SP/CP) and no megatron feature it does not implement is on
+    (drop-and-pad to capacity, shared-expert overlap); else megatron's `config.moe_token_dispatcher_type`."""
+    if (getattr(config, "moe_local_dispatcher", False) and ep_size == 1 and expert_tp_size == 1
+            and not config.moe_pad_expert_input_to_capacity and not config.moe_shared_expert_overlap):
+        return "local"
+    return config.moe_token_dispatcher_type
 
 
 def vision_transformer_config(args: Qwen3VLMoeArgs, layout, *, dtype: torch.dtype = torch.float32, **overrides):

@@ -11,7 +11,7 @@ from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, get_transformer_layer_offset
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -19,7 +19,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.utils import make_viewless_tensor
 
 from qwenvl_mcore.models.qwen3_vl_moe.attention import SDPAttention, SegmentSelfAttention
-from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Norm, Qwen3VLRouter
+from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Norm, Qwen3VLMoELayer, Qwen3VLRouter
 from qwenvl_mcore.models.qwen3_vl_moe.visual_scatter import VisualScatter
 
 
@@ -46,7 +46,7 @@ def language_layer_spec() -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=partial(MoELayer, submodules=MoESubmodules(experts=GroupedExperts, router=Qwen3VLRouter)),
+            mlp=partial(Qwen3VLMoELayer, submodules=MoESubmodules(experts=GroupedExperts, router=Qwen3VLRouter)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -1,6 +1,6 @@
-"""Building blocks of the local (non-Transformer-Engine) layer spec: norms, the router and the grouped experts
-(core attention is in attention.py). They run on the CPU and on the GPU; the math follows transformers' Qwen3-VL
-MoE exactly.
+"""Building blocks of the local (non-Transformer-Engine) layer spec: norms, the MoE layer, its router and grouped
+experts (core attention is in attention.py, the EP=1 token dispatcher in dispatch.py). They run on the CPU and on
+the GPU; the math follows transformers' Qwen3-VL MoE exactly.
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron.core.transformer.moe.moe_utils import router_gating_linear
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, router_gating_linear
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from qwenvl_mcore.models.qwen3_vl_moe.config import moe_dispatcher
+from qwenvl_mcore.models.qwen3_vl_moe.dispatch import LocalTokenDispatcher
 from qwenvl_mcore.models.qwen3_vl_moe.routing import AuxLossGradient
 
 
@@ -53,9 +57,9 @@ class Qwen3VLRouter(TopKRouter):
     gradient is attached to the probabilities (see routing.py). The gate stays on the input's device (megatron's
     `gating` moves it to CUDA).
 
-    Padding tokens (`padding_mask` True) get probability 0, so their MoE output is 0; with the allgather dispatcher
-    (CPU) they are also routed nowhere, so no expert computes them (the alltoall dispatcher needs k experts per
-    token, see `routing`). megatron-core 0.19 uses
+    Padding tokens (`padding_mask` True) get probability 0, so their MoE output is 0; with the local (EP=1) and the
+    allgather dispatchers they are also routed nowhere, so the expert counts leave them out (megatron's alltoall
+    dispatcher needs k experts per token: `padding_routed`, set by Qwen3VLMoELayer). megatron-core 0.19 uses
     `padding_mask` only for its own aux/z losses and expert-bias counts; its top-k routing map and dispatchers
     still send padding to experts.
     """
@@ -63,6 +67,9 @@ class Qwen3VLRouter(TopKRouter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.routing_record = None  # routing.MicroBatchRouting of the micro-batch being run, set by the block
+        # whether padding keeps its k experts in the routing map (megatron's alltoall dispatcher); the MoE layer
+        # sets it once it has chosen its dispatcher
+        self.padding_routed = self.config.moe_token_dispatcher_type == "alltoall"
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         return router_gating_linear(input, self.weight, self.bias, torch.float32)
@@ -74,7 +81,7 @@ class Qwen3VLRouter(TopKRouter):
             # all-False mask changes nothing). Done after megatron's routing so its top-k path stays as it is.
             pad = padding_mask.reshape(-1, 1).bool()
             probs = probs.masked_fill(pad, 0.0)
-            if self.config.moe_token_dispatcher_type != "alltoall":
+            if not self.padding_routed:
                 # megatron's dropless alltoall dispatcher sizes its buffers as tokens x top-k, so there padding
                 # keeps its k experts and contributes 0 through its zero probabilities (computed, never used).
                 routing_map = routing_map & ~pad
@@ -106,19 +113,56 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and _GROUPED_MM is not None
 
 
-def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts, *, grouped: bool) -> torch.Tensor:
-    """x [T, k] with rows sorted by expert (counts[e] rows for expert e), w [E, k, n] -> [T, n].
+class ExpertGroups:
+    """The rows of one experts call, sorted by expert: counts[e] rows for expert e, then any rows past sum(counts),
+    which also go to the last expert (the local dispatcher puts the pairs it routes nowhere there, with probability
+    0, so that every shape stays T x top-k: see dispatch.py).
 
-    grouped=True: one `torch.nn.functional.grouped_mm` call (offsets = cumulative counts, int32 on x's device);
+    `counts` is a tensor (on the device from the local dispatcher, on the host from megatron's) or a list. The
+    grouped GEMM's offsets are made on the rows' device without a host read, the loop's sizes with one read; each
+    once per experts call, whichever projections and adapters use them.
+    """
+
+    def __init__(self, counts, rows: int):
+        self.counts, self.rows = counts, rows
+        self._offsets: torch.Tensor | None = None
+        self._sizes: list[int] | None = None
+
+    def offsets(self, device) -> torch.Tensor:
+        """int32 end of each expert's rows on `device`, the last one = all rows."""
+        if self._offsets is None:
+            counts = torch.as_tensor(self.counts).to(device=device, dtype=torch.int32)
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            if offs.numel():
+                offs[-1:].fill_(self.rows)
+            self._offsets = offs
+        return self._offsets
+
+    def sizes(self) -> list[int]:
+        """Rows per expert on the host, the last expert's including the rows past sum(counts)."""
+        if self._sizes is None:
+            sizes = self.counts.tolist() if torch.is_tensor(self.counts) else [int(c) for c in self.counts]
+            extra = self.rows - sum(sizes)
+            if extra < 0 or (extra and not sizes):
+                raise ValueError(f"expert counts {sizes} do not fit {self.rows} rows sorted by expert")
+            if extra:
+                sizes[-1] += extra
+            self._sizes = sizes
+        return self._sizes
+
+
+def expert_matmul(x: torch.Tensor, w: torch.Tensor, counts, *, grouped: bool) -> torch.Tensor:
+    """x [T, k] with rows sorted by expert (counts[e] rows for expert e, rows past sum(counts) for the last
+    expert: see ExpertGroups), w [E, k, n] -> [T, n]. `counts`: an ExpertGroups, a tensor or a list.
+
+    grouped=True: one `torch.nn.functional.grouped_mm` call (offsets int32 on x's device, made there);
     grouped=False: one matmul per expert. Both give the same values and gradients (tests/unit/test_experts.py).
     """
+    groups = counts if isinstance(counts, ExpertGroups) else ExpertGroups(counts, x.shape[0])
     if grouped:
-        counts = torch.as_tensor(counts)
-        offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int32), 0, dtype=torch.int32)
-        return _GROUPED_MM(x, w, offs=offs)
-    sizes = counts.tolist() if torch.is_tensor(counts) else [int(c) for c in counts]
+        return _GROUPED_MM(x, w, offs=groups.offsets(x.device))
     # unbind, not w[e]: indexing's backward would allocate a zero tensor the size of all of w for every expert
-    outs = [chunk @ w_e for chunk, w_e in zip(torch.split(x, sizes), w.unbind(0))]
+    outs = [chunk @ w_e for chunk, w_e in zip(torch.split(x, groups.sizes()), w.unbind(0))]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
@@ -165,7 +209,8 @@ class GroupedExperts(MegatronModule):
         self.grouped_gemm: bool | None = None  # None: grouped GEMM where fast (see use_grouped_mm), else the loop
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor, probs: torch.Tensor):
-        counts = tokens_per_expert  # a tensor or a list; expert_matmul takes either
+        # offsets (grouped GEMM) or host sizes (loop) made once for both projections and any adapters
+        counts = ExpertGroups(tokens_per_expert, hidden.shape[0])
         grouped = use_grouped_mm(hidden) if self.grouped_gemm is None else self.grouped_gemm
         gate_up = self.project_gate_up(hidden, counts, grouped)
         gate, up = gate_up.view(-1, 2, self.ffn_local).unbind(1)
@@ -175,7 +220,8 @@ class GroupedExperts(MegatronModule):
         out = out * probs.unsqueeze(-1).to(out.dtype)
         return out, None
 
-    # The two projections, separate so that qwenvl_mcore.lora can add its per-expert adapters to them.
+    # The two projections, separate so that qwenvl_mcore.lora can add its per-expert adapters to them; `counts` is
+    # the call's ExpertGroups.
     def project_gate_up(self, hidden: torch.Tensor, counts, grouped: bool) -> torch.Tensor:
         """[T, hidden] rows sorted by expert -> [T, 2 * F_l] (gate half, then up half)."""
         e_l, h = self.num_local_experts, self.config.hidden_size
@@ -200,3 +246,19 @@ class GroupedExperts(MegatronModule):
                 f"{prefix}{name}", param, *offsets, replica_id=(0, 0, self.edp_group.rank()), prepend_axis_num=prepend,
             )
         return out
+
+
+class Qwen3VLMoELayer(MoELayer):
+    """megatron's MoELayer with the token dispatcher `config.moe_dispatcher` picks: dispatch.LocalTokenDispatcher
+    where the layer's experts all live on its rank (EP = expert-TP = 1), megatron's configured one elsewhere. The
+    router learns whether padding must keep its k experts (only megatron's alltoall dispatcher needs that)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False,
+                 name=None):
+        pg_collection = pg_collection or get_default_pg_collection()
+        super().__init__(config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         is_mtp_layer=is_mtp_layer, name=name)
+        if moe_dispatcher(config, pg_collection.ep.size(), pg_collection.expt_tp.size()) == "local":
+            self.token_dispatcher = LocalTokenDispatcher(self.num_local_experts, self.local_expert_indices,
+                                                         config=config, pg_collection=pg_collection)
+        self.router.padding_routed = isinstance(self.token_dispatcher, MoEAlltoAllTokenDispatcher)

@@ -10,6 +10,10 @@ layer's (C, S, N) and attaches a backward hook that reads the micro-batch totals
 layers, adds them over the sequence-parallel ranks (in step) and posts an asynchronous sum over the pipeline stages
 (every stage posts the same sequence of sums, so they match up). The first backward waits for it. A recomputed layer
 records the same values again under the same key and attaches the same hook.
+
+Everything stays on the device (no host read) up to what the step reports: `RoutingStats.aux_loss_total` and
+`layer_counts` are device tensors, read once each by training/step.py. Only the pipeline exchange goes through the
+host (its group is gloo).
 """
 
 from __future__ import annotations
@@ -59,12 +63,21 @@ class MicroBatchRouting:
             self._totals = torch.stack([v for _, v in self._pending]).sum(0)
         return self._totals
 
-    def aux_loss(self) -> float:
-        """transformers' load_balancing_loss_func value for this micro-batch."""
+    def aux_loss_tensor(self) -> torch.Tensor:
+        """transformers' load_balancing_loss_func value for this micro-batch: a float64 scalar where the statistics
+        live (no host read)."""
         t = self.totals().double()
         e = self.num_experts
         n = t[2 * e].clamp_min(1.0)
-        return float(e * torch.sum((t[:e] / n) * (t[e:2 * e] / n)))
+        return e * torch.sum((t[:e] / n) * (t[e:2 * e] / n))
+
+    def aux_loss(self) -> float:
+        """transformers' load_balancing_loss_func value for this micro-batch (read on the host)."""
+        return float(self.aux_loss_tensor())
+
+    def valid_tokens(self) -> torch.Tensor:
+        """Valid tokens of the micro-batch over every layer (float64 scalar, where the statistics live)."""
+        return self.totals()[2 * self.num_experts].double()
 
     def score_gradient(self, device, dtype) -> torch.Tensor:
         """d(coeff_scale * aux) / d(probability of expert e at one valid token, any layer): [E]."""
@@ -88,18 +101,41 @@ class RoutingStats:
 
     def aux_losses(self) -> list[float]:
         """transformers' aux value of each micro-batch that had tokens (an all-padding micro-batch, which only fills
-        a rank up to the agreed micro-batch count, has no load-balancing loss)."""
-        e = self.num_experts
-        return [mb.aux_loss() for _, mb in sorted(self.micro.items()) if float(mb.totals()[2 * e]) > 0]
+        a rank up to the agreed micro-batch count, has no load-balancing loss). Read on the host, one value at a
+        time: for tests and tools; the step uses `aux_loss_total`."""
+        return [mb.aux_loss() for _, mb in sorted(self.micro.items()) if float(mb.valid_tokens()) > 0]
 
-    def layer_counts(self, num_layers: int) -> torch.Tensor:
+    def aux_loss_total(self, device=None) -> torch.Tensor:
+        """[sum of the aux values of the micro-batches that had tokens, their number] (float64 on `device`, default
+        `stats_device()`), computed without a host read: the sum and count `aux_losses` would give."""
+        device = stats_device() if device is None else device
+        parts = []
+        for _, mb in sorted(self.micro.items()):
+            has_tokens = mb.valid_tokens() > 0
+            # where(), not a product: an all-padding micro-batch adds 0 even if its value were not finite
+            parts.append(torch.stack([torch.where(has_tokens, mb.aux_loss_tensor(), 0.0), has_tokens.double()]))
+        if not parts:
+            return torch.zeros(2, dtype=torch.float64, device=device)
+        return torch.stack(parts).sum(0).to(device)
+
+    def layer_counts(self, num_layers: int, device=None) -> torch.Tensor:
         """[num_layers, E] assignments per layer summed over the micro-batches, for this rank's layers and tokens
-        (zeros for layers of other stages)."""
-        out = torch.zeros(num_layers, self.num_experts, dtype=torch.float64)
+        (zeros for layers of other stages): float64 on `device` (default `stats_device()`; the step passes the
+        model's), no host read."""
+        device = stats_device() if device is None else device
+        out = torch.zeros(num_layers, self.num_experts, dtype=torch.float64, device=device)
         for mb in self.micro.values():
             for layer_number, (counts, _, _) in mb.layers.items():
-                out[layer_number - 1] += counts.double().cpu()
+                out[layer_number - 1] += counts.to(device=device, dtype=torch.float64)
         return out
+
+
+def stats_device() -> torch.device:
+    """Where the step's routing statistics meet for their collectives: the current GPU when there is one, else the
+    CPU. The same on every rank, whatever this rank recorded (a rank without statistics still joins the sums)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class AuxLossGradient(torch.autograd.Function):

@@ -29,6 +29,9 @@ What is counted, and why (the code it follows):
   of one layer under full recompute, the stage input of non-first stages, and the rotary tables.
 - vit: the vision tower's saved tensors for a micro-batch whose visual tokens are `image_share` of its tokens
   (4 patches per visual token); the ViT is never recomputed (only the LLM config gets the recompute settings).
+  With `model.vision_microbatches` = k != 1 the ViT encodes k micro-batches in one call and keeps their saved
+  tensors, their features and the features' gradient buffer until that group's backward (`vision_alive_microbatches`,
+  `vision_batch_feature_bytes`).
 - moe_dispatch: the alltoall dispatcher's send and receive buffers of one layer.
 - logits: the last stage's [s, V/tp] logits in B bytes and their fp32 copy that the cross entropy keeps.
 - optimizer_step_temp: torch's foreach Adam allocates one fp32 temporary as large as the biggest parameter group
@@ -357,6 +360,30 @@ def adapter_activation_bytes(sites, rank: int, layout, tokens: float, act_bytes:
     return int(out)
 
 
+def vision_alive_microbatches(group: int, microbatches: int, in_flight: float, *, cp: int = 1) -> int:
+    """Micro-batches whose ViT tensors the first stage holds at its peak, when the schedule encodes `group` of them
+    per ViT call (model.vision_microbatches; 0: all of the step's) with `in_flight` micro-batches in flight.
+
+    Per micro-batch (group 1, and always under context parallelism): ceil(in_flight), each micro-batch's ViT
+    backward running inside its own. Grouped: a group's tensors are made at its first micro-batch's forward and
+    kept until the backward of its last one; the in-flight window of f = ceil(in_flight) consecutive micro-batches
+    touches at most 1 + ceil((f - 1) / k) groups of k, so min(M, k * (1 + ceil((f - 1) / k)))."""
+    flight = math.ceil(in_flight)
+    if group == 1 or cp > 1:
+        return flight
+    k = microbatches if group <= 0 else min(group, microbatches)
+    return min(microbatches, k * (1 + math.ceil((flight - 1) / k)))
+
+
+def vision_batch_feature_bytes(args, patches: float, act_bytes: int, *, needs_grad: bool) -> int:
+    """Grouped ViT (vision_microbatches != 1), per micro-batch of the group: its features, merged and DeepStack,
+    B*(1 + n_deep)*out per merged token (patches / merge^2), kept from the group's ViT call until its backward, and
+    as much again for their gradient buffer when anything before the features trains."""
+    v = args.vision
+    features = act_bytes * (1 + len(v.deepstack_visual_indexes)) * v.out_hidden_size * patches / v.spatial_merge_size**2
+    return int(features * (2 if needs_grad else 1))
+
+
 def in_flight_microbatches(pp: int, vpp: int | None, pp_rank: int, microbatches: int) -> float:
     """Micro-batches whose activations pipeline rank `pp_rank` holds at its peak, in units of the whole stage.
 
@@ -469,6 +496,7 @@ class RunShape:
     moe_imbalance: float = 1.0  # tokens on the busiest EP rank / the mean
     adam: str = "fused"
     lora: object = None  # lora_sites.LoRAShape with peft=lora (base frozen, adapters train), else None
+    vision_microbatches: int = 1  # micro-batches per ViT call (model.vision_microbatches; 0: all of a step's)
 
     @property
     def dp(self) -> int:
@@ -513,7 +541,8 @@ def from_config(cfg, *, world_size: int | None = None, image_share: float = 0.25
         param_bytes=2 if cfg.model.dtype == "bf16" else 4, recompute=cfg.model.recompute, frozen=frozen,
         seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size, packing=cfg.data.packing,
         microbatches=microbatches, distributed_optimizer=cfg.optim.distributed_optimizer,
-        image_share=image_share, moe_imbalance=moe_imbalance, adam=adam, lora=lora_sites.LoRAShape.of(cfg.peft))
+        image_share=image_share, moe_imbalance=moe_imbalance, adam=adam, lora=lora_sites.LoRAShape.of(cfg.peft),
+        vision_microbatches=cfg.model.vision_microbatches)
 
 
 def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
@@ -552,8 +581,14 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
         # the features (merged and DeepStack, (1 + n_deep) * out per merged token of the row, a working buffer)
         one = vision_activation_bytes(args, layout, patches / cp, act_bytes, lora=run.lora, **trains)
         gathered = cp_vision_extra_bytes(args, layout, patches, act_bytes) if cp > 1 else 0
-        # the tower runs in every forward of virtual stage 0: its saved tensors live as long as those micro-batches
-        vit = int(one["saved"] * math.ceil(flight) + one["working"] + gathered)
+        # the tower's saved tensors live as long as the micro-batches of virtual stage 0 in flight, or, when it
+        # encodes several micro-batches per call, as long as the groups those touch (features and their gradients too)
+        alive = vision_alive_microbatches(run.vision_microbatches, run.microbatches, flight, cp=cp)
+        features = 0
+        if run.vision_microbatches != 1 and cp == 1:
+            features = vision_batch_feature_bytes(args, patches, act_bytes,
+                                                  needs_grad=trains["vision_trains"] or trains["merger_trains"])
+        vit = int((one["saved"] + features) * alive + one["working"] + gathered)
     out["vit"] = vit
     out["moe_dispatch"] = dispatch_bytes(args, layout, tokens, act_bytes, moe_imbalance=run.moe_imbalance)
     out["logits"] = logits_bytes(args, layout, tokens, act_bytes) if last else 0
@@ -592,6 +627,7 @@ class Plan:
     largest: int = 0  # tokens (packing) or micro_batch_size (no packing); 0: not even one step fits
     largest_capped: bool = False
     lora: dict | None = None  # peft=lora: {"rank", "targets"}; None: full training
+    vision_microbatches: int = 1  # micro-batches per ViT call (0: all of a step's)
 
     @property
     def worst(self) -> dict:
@@ -624,7 +660,8 @@ def plan(run: RunShape, *, gpu_gib: float = 80.0, fraction: float = 0.9, max_ste
         microbatches=run.microbatches, image_share=run.image_share, moe_imbalance=run.moe_imbalance, adam=run.adam,
         gpu_gib=gpu_gib, fraction=fraction, stages=stages, worst_stage=worst,
         fits=stages[worst]["total"] <= budget,
-        lora=None if run.lora is None else {"rank": run.lora.rank, "targets": run.lora.ordered_kinds})
+        lora=None if run.lora is None else {"rank": run.lora.rank, "targets": run.lora.ordered_kinds},
+        vision_microbatches=run.vision_microbatches)
 
     def fits(step: int) -> bool:
         kw = dict(seq_length=run.seq_length * step) if run.packing else dict(micro_batch_size=step)
@@ -657,8 +694,12 @@ def describe(p: Plan) -> str:
     frozen = f", frozen {'+'.join(p.frozen)}" if p.frozen else ""
     if p.lora:
         frozen = f", LoRA rank {p.lora['rank']} on {' '.join(p.lora['targets'])} (base frozen)"
+    vit = ""
+    if p.vision_microbatches != 1 and (lay.get("cp") or 1) == 1:
+        per_call = p.microbatches if p.vision_microbatches == 0 else min(p.vision_microbatches, p.microbatches)
+        vit = f" ({per_call} per ViT call)"
     return (f"{p.name}: {p.world_size} GPUs, {' '.join(parts)}, DP {p.dp}, EDP {p.edp}, {p.dtype}, "
-            f"recompute {p.recompute}{frozen}; {batch}, {p.microbatches} micro-batches/step, image share "
+            f"recompute {p.recompute}{frozen}; {batch}, {p.microbatches} micro-batches/step{vit}, image share "
             f"{p.image_share:g}, MoE imbalance {p.moe_imbalance:g}, "
             + ("torch foreach Adam (step tmp counted)" if p.adam == "torch"
                else "fused Adam (step tmp: what torch's foreach Adam would add, not counted)"))
@@ -715,7 +756,9 @@ def format_summary(plans: Sequence[Plan]) -> str:
 __all__ = [
     "GIB", "CATEGORIES", "ParamTensor", "language_layer_params", "vision_params", "chunk_params", "stage_chunks",
     "adapter_params", "padded_numel", "model_state_bytes", "norm_bytes", "layer_activation_bytes",
-    "adapter_activation_bytes", "cp_attention_bytes", "cp_vision_extra_bytes", "in_flight_microbatches", "llm_activation_bytes", "vision_activation_bytes", "dispatch_bytes", "logits_bytes", "RunShape",
+    "adapter_activation_bytes", "cp_attention_bytes", "cp_vision_extra_bytes", "in_flight_microbatches",
+    "vision_alive_microbatches", "vision_batch_feature_bytes", "llm_activation_bytes", "vision_activation_bytes",
+    "dispatch_bytes", "logits_bytes", "RunShape",
     "world_size_from_name", "from_config", "stage_memory", "Plan", "plan", "format_plan", "format_summary",
     "hardware_text",
 ]

@@ -626,3 +626,26 @@ def test_cli_table_and_json_have_every_category():
     plan = json.loads(_cli(["experiment=sft_30b_a3b_1x8xh100", "--json", "--gpu-gib", "40"])[1])
     assert set(memory.CATEGORIES) | {"total"} <= set(plan["worst"])
     assert plan["fits"] is False and plan["budget_bytes"] == int(40 * 2**30 * 0.9)
+
+
+def test_grouped_vit_keeps_its_groups_alive():
+    """model.vision_microbatches = k: the first stage holds the ViT tensors of the groups its in-flight micro-batches
+    touch (k per group), plus each grouped micro-batch's features and their gradient buffer; per micro-batch
+    (k = 1) and under context parallelism as before."""
+    assert [memory.vision_alive_microbatches(k, 16, 1.0) for k in (1, 2, 3, 0)] == [1, 2, 3, 16]
+    assert [memory.vision_alive_microbatches(k, 16, 2.0) for k in (1, 2, 3, 4, 0)] == [2, 4, 6, 8, 16]
+    assert [memory.vision_alive_microbatches(k, 4, 4.0) for k in (1, 2, 3, 0)] == [4, 4, 4, 4]
+    assert memory.vision_alive_microbatches(2, 16, 2.0, cp=2) == 2
+    base = ["experiment=sft_30b_a3b_2x8xh100"]  # PP2: two micro-batches in flight on the first stage
+    vit = {k: memory.stage_memory(memory.from_config(compose(base + [f"model.vision_microbatches={k}"])), 0)["vit"]
+           for k in (1, 2, 0)}
+    run = memory.from_config(compose(base))
+    args, patches = run.args, int(4096 * run.image_share) * 4
+    one = memory.vision_activation_bytes(args, run.layout, patches, 2)
+    features = memory.vision_batch_feature_bytes(args, patches, 2, needs_grad=True)
+    assert vit[1] == one["saved"] * 2 + one["working"]
+    assert vit[2] == int((one["saved"] + features) * 4 + one["working"])
+    assert vit[0] == int((one["saved"] + features) * 16 + one["working"])
+    assert features == 2 * 2 * 4 * args.vision.out_hidden_size * patches // 4  # merged + 3 DeepStack, and grads
+    frozen = memory.vision_batch_feature_bytes(args, patches, 2, needs_grad=False)
+    assert frozen * 2 == features

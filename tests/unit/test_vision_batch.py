@@ -161,3 +161,68 @@ def test_rows_that_do_not_fit_are_refused():
 
 def test_group_count():
     assert [group_count(8, g) for g in (0, 1, 2, 3, 8, 20)] == [1, 8, 4, 3, 1, 1]
+
+
+class _FakeVision(torch.nn.Module):
+    """A stand-in ViT: a linear per patch, 4 patches summed per merged token, one 'DeepStack' output."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 5)
+
+    def forward(self, pixels, grid):
+        assert grid.device.type == "cpu"  # the grids stay on the host
+        x = self.proj(pixels).view(-1, 4, 5).sum(1)
+        return x, [2 * x]
+
+
+@pytest.mark.parametrize("group", [0, 1, 2, 3])
+def test_groups_run_backward_once_done_and_stay_within_the_plan(group):
+    """Stage 0 of PP2 under 1F1B (F0 F1 B0 F2 B1 F3 B2 B3; the schedule polls before each forward): a group's ViT
+    backward runs once its micro-batches are all done, never more micro-batches' graphs live than the memory
+    planner counts, and the ViT's gradient equals that of the features used one micro-batch at a time."""
+    from qwenvl_mcore.models.qwen3_vl_moe.vision_batch import VisionBatches
+    from qwenvl_mcore.training.memory import vision_alive_microbatches
+
+    torch.manual_seed(0)
+    micro = [_batch([[IMG, 0, IMG]], images=[(1, 2, 2), (1, 2, 2)]), _batch([[0, 0, 0]]),
+             _batch([[VID, IMG, 0]], images=[(1, 2, 2)], videos=[(1, 2, 2)]), _batch([[IMG, 0, 0]], images=[(1, 2, 2)])]
+    vision = _FakeVision()
+    weights = [torch.randn(3, 5) for _ in micro]
+
+    def loss(i, features):
+        merged, deep = features
+        n = merged.shape[0]
+        return (merged * weights[i][:n]).sum() + (deep[0] * weights[i][:n]).sum() * 0.5
+
+    # reference: each micro-batch's features from its own call, in token order
+    vision.zero_grad()
+    for i, mb in enumerate(micro):
+        one = VisionBatches([mb], 0, image_token_id=IMG, video_token_id=VID, merge_size=2)
+        f = one.features(0, vision)
+        if f is not None:
+            loss(i, (f.merged, f.deepstack)).backward()
+            one.backward_all()
+    ref = vision.proj.weight.grad.clone()
+
+    vision.zero_grad()
+    batches = VisionBatches(micro, group, image_token_id=IMG, video_token_id=VID, merge_size=2)
+    pending, done = {}, set()
+    order = [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2), ("B", 3)]
+    for what, i in order:
+        if what == "F":
+            batches.backward_ready()
+            # every group whose micro-batches have all had their backward has had its ViT backward
+            assert all(g.finished for g in batches.groups if g.ran and set(g.indices) <= done), (what, i)
+            f = batches.features(i, vision)
+            pending[i] = None if f is None else loss(i, (f.merged, f.deepstack))
+        else:
+            if pending[i] is not None:
+                pending[i].backward()
+            done.add(i)
+    batches.backward_all()
+    diff = float((vision.proj.weight.grad - ref).abs().max() / ref.abs().max())
+    assert diff <= 1e-6, diff
+    assert batches.peak_alive <= vision_alive_microbatches(group, len(micro), 2.0)
+    assert batches.calls == {0: 1, 1: 3, 2: 2, 3: 2}[group]
+    assert all(g.finished and g.outputs is None for g in batches.groups if g.rows)

@@ -127,6 +127,7 @@ class VisionBatches:
         self.groups = [_Group(list(range(start, min(start + size, n)))) for start in range(0, n, max(size, 1))]
         self._group_of = {i: g for g in self.groups for i in g.indices}
         self.calls = 0  # ViT forwards run (for tests and benchmarks)
+        self.peak_alive = 0  # most micro-batches whose ViT graph was kept at once (training/memory.py plans it)
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def features(self, index: int, vision: torch.nn.Module) -> VisualFeatures | None:
@@ -177,6 +178,8 @@ class VisionBatches:
         group.outputs = outputs
         if merged.requires_grad:
             group.grads = [torch.zeros_like(o) for o in outputs]
+            alive = sum(len(g.indices) for g in self.groups if g.ran and not g.finished)
+            self.peak_alive = max(self.peak_alive, alive)
         else:
             group.finished = True  # frozen ViT and mergers (or no autograd): nothing to run backward
 

@@ -4,7 +4,7 @@ batches and settings trained twice through `train_step`, once each way, in one p
 `compare_steps` returns numbers for tests to assert on (tests/unit/test_optimizer_step.py at one rank,
 tests/multirank/_resume_checks.py inside an existing multi-rank launch): the worst relative difference of the
 parameters and of Adam's moments, whether they are bit-identical, both paths' gradient norms and losses, the
-fallback reason (None: the lean step ran), and what the lean step did (copies, casts, gathers).
+fallback reason (None: the lean step ran), and what the lean step did (copies, casts, parameter all-gathers).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from qwenvl_mcore.parallel import ParallelLayout
 from qwenvl_mcore.testing import parity, tiny
 
-KINDS = ("image", "text")  # the micro-batches of every step
+KINDS = ("image", "image")  # the micro-batches of every step (one length: pipeline layouts need it)
 
 
 def compare_steps(layout_kwargs: dict, *, steps: int = 3, clip_grad: float = 1.0, dtype=torch.float32,
@@ -72,8 +72,9 @@ def compare_steps(layout_kwargs: dict, *, steps: int = 3, clip_grad: float = 1.0
             "base_changed": sorted(k for k, t in base.items()
                                    if not torch.equal(t, dict(_named(chunks))[k])),
             "parts": None if lean is None else [
-                {"copies": len(p.copy_to), "cast": p.cast, "gather": p.gather,
-                 "mains": len(p.mains), "stub": p.inner is None} for p in lean.parts],
+                {"copies": len(p.copy_to), "cast": p.cast, "mains": len(p.mains), "stub": p.inner is None}
+                for p in lean.parts],
+            "gathers": None if lean is None else len(lean.gather_from),
         }
     ours, ref = runs["lean"], runs["megatron"]
     worst, worst_name = parity.worst_relative(ours["state"], ref["state"])
@@ -88,6 +89,7 @@ def compare_steps(layout_kwargs: dict, *, steps: int = 3, clip_grad: float = 1.0
         "skipped": [r.skipped for r in ours["results"]], "ref_skipped": [r.skipped for r in ref["results"]],
         "skip_left_state": ours["skip_left_state"], "ref_skip_left_state": ref["skip_left_state"],
         "fallback": ours["fallback"], "ref_fallback": ref["fallback"], "parts": ours["parts"],
+        "gathers": ours["gathers"],
         "base_changed": ours["base_changed"], "n_trainable": sum(1 for _ in _trainable(ours)),
     }
 

@@ -21,8 +21,10 @@ before the step, to skip non-finite ones.
   `grad_scale` instead (Adam divides by it) saves that pass but is not the same rounding: measured on the tiny
   model, 4.6e-6 relative in the parameters after 3 clipped steps, above the 1e-6 the project allows;
 - after the inner step, one `torch._foreach_copy_` of the fp32 main weights into the bf16 parameters (nothing for
-  fp32 parameters, which the main shards are views of), then the distributed optimizer's parameter all-gather at
-  data-parallel size > 1 (`start_param_sync_for_bucket_group_subset`, as its `step_with_ready_grads` does).
+  fp32 parameters, which the main shards are views of), then the distributed optimizer's parameter all-gather
+  (`start_param_sync_for_bucket_group_subset`, as its `step_with_ready_grads` does) once after every sub-optimizer
+  stepped: megatron runs it after each sub-optimizer, over every bucket of the shared model chunks each time (the
+  experts' buckets once before their update too); skipped when every data-parallel group has one rank.
 The 1/num_tokens scale stays where megatron puts it (`finalize_model_grads`, one in-place multiply per gradient
 buffer): every gradient reader sees the gradients it sees today, and the norm is the norm of the scaled gradients
 exactly.
@@ -59,16 +61,16 @@ class _Part:
     norm_index: list[int] = field(default_factory=list)  # mains whose gradients count in the norm
     copy_from: list[torch.Tensor] = field(default_factory=list)  # fp32 main weights ...
     copy_to: list[torch.Tensor] = field(default_factory=list)  # ... into the bf16 parameters (their buffer)
-    gather: bool = False  # distributed optimizer at data-parallel size > 1: all-gather the parameters after
     clip: float = 0.0
 
 
 class LeanStep:
     """The optimizer step for one megatron optimizer (see the module docstring). Build with `lean_step_for`."""
 
-    def __init__(self, optimizer, parts: list[_Part]):
+    def __init__(self, optimizer, parts: list[_Part], gather_from: list):
         self.optimizer = optimizer
         self.parts = parts
+        self.gather_from = gather_from  # distributed optimizers whose model chunks' parameters to all-gather
         self.chained = hasattr(optimizer, "chained_optimizers")
         # ChainedOptimizer.get_grad_norm: one norm over all sub-optimizers when they share the grad-stats group
         self.shared = len(parts) == 1 or (self.chained and optimizer.grads_states_parallel_group_is_shared())
@@ -111,19 +113,19 @@ class LeanStep:
         """Clip by `grad_norm` (as megatron: coefficient clip / (norm + 1e-6) when below 1), step every inner
         optimizer, write the main weights back into the parameters and all-gather them."""
         for p, grads in zip(self.parts, self._current):
-            if p.inner is None or not p.mains:
+            if p.inner is None:
                 continue
             coeff = p.clip / (grad_norm + 1.0e-6) if p.clip > 0.0 else 1.0
-            if coeff < 1.0:
+            if coeff < 1.0 and grads:
                 torch._foreach_mul_(grads, coeff)
-            p.inner.step()
+            p.inner.step()  # also with no main parameter here (an empty shard): as megatron, which always calls it
             if p.copy_from:
                 torch._foreach_copy_(p.copy_to, p.copy_from)
-            if p.gather:
-                p.opt.start_param_sync_for_bucket_group_subset()
             if p.cast:  # the fp32 copies are this step's only: free them now rather than at the next step
                 for m in p.mains:
                     m.grad = None
+        for opt in self.gather_from:  # collective over each data-parallel group: on every rank, shard or not
+            opt.start_param_sync_for_bucket_group_subset()
         self._current = []
 
     def _device(self) -> torch.device:
@@ -248,10 +250,23 @@ def _build(optimizer) -> LeanStep | str:
                 if target is not None and not _same_memory(target, main):
                     part.copy_from.append(main)
                     part.copy_to.append(target)
-        if kind is DistributedOptimizer:
-            part.gather = dist.get_world_size(opt.data_parallel_group) > 1
         parts.append(part)
-    return LeanStep(optimizer, parts)
+    return LeanStep(optimizer, parts, _gather_from([p.opt for p in parts if p.inner is not None], DistributedOptimizer))
+
+
+def _gather_from(opts: list, distributed) -> list:
+    """The distributed optimizers whose `start_param_sync_for_bucket_group_subset` covers every bucket of every
+    model chunk once (each walks all buckets of its model chunks), or [] when no data-parallel group has 2 ranks."""
+    dist_opts = [o for o in opts if isinstance(o, distributed)]
+    if not any(dist.get_world_size(o.data_parallel_group) > 1 for o in dist_opts):
+        return []
+    chosen, covered = [], set()
+    for o in dist_opts:
+        chunks = {id(c) for c in o.model_chunks}
+        if not chunks <= covered:
+            chosen.append(o)
+            covered |= chunks
+    return chosen
 
 
 def _grad_sources(opt, distributed: bool, float16: bool) -> dict | str:

@@ -245,18 +245,51 @@ def _resume_elsewhere(source: Path, step: int, name: str, tag: str) -> Path:
     return run_dir
 
 
+# The lean optimizer step (training/optimizer_step.py) against megatron's optimizer.step() at 4 ranks, run in the
+# resave launch below: a ChainedOptimizer (dense at DP4, experts at EP2 x DP2) with the distributed optimizer's
+# parameter all-gather; PP2 x DP2; the non-distributed optimizer at EP2, whose dense and expert grad-stats groups
+# differ (one norm per group, combined as ChainedOptimizer.get_grad_norm does). Clipping on every step (clip 1.0).
+STEP_CASES = {"ep2_dp4": ({"ep": 2}, {}), "pp2_dp2": ({"pp": 2}, {}),
+              "ep2_fp32_optimizer": ({"ep": 2}, {"distributed_optimizer": False})}
+
+
+@functools.cache
+def resaved_at_tp1_ep4() -> tuple[Path, list[dict]]:
+    """The TP2/EP2 run's stop checkpoint copied to a fresh run directory, loaded at TP1/EP4 and saved again at once
+    (no step) under WORK/resaved, in a 4-rank launch that also runs STEP_CASES. (run directory, per-rank results)"""
+    source, stopped = interrupted()
+    run_dir = _resume_elsewhere(source, stopped, "tp1_ep4", "tp1_ep4")
+    world, layout = LAYOUTS["tp1_ep4"]
+    _, mcore = hf_and_mcore()
+    overrides = [*COMMON, *layout, f"model.init_from={mcore}", f"trainer.dir={run_dir}", f"trainer.steps={STEPS}"]
+    return run_dir, run_on_ranks(load_and_resave, world, overrides, str(WORK / "resaved"), STEP_CASES)
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_lean_optimizer_step_is_megatrons_at_four_ranks(name):
+    _, launch = resaved_at_tp1_ep4()
+    for rank, out in enumerate(launch):
+        r = out["optimizer_steps"][name]
+        assert r["fallback"] is None and r["ref_fallback"] is not None, (rank, r["fallback"])
+        assert r["bitwise"], (rank, r["worst_rel"], r["worst_name"])
+        assert r["norms"] == r["ref_norms"] and all(n is not None and n > 1.0 for n in r["norms"]), rank  # clips
+        assert r["losses"] == r["ref_losses"] and not any(r["skipped"])
+        parts = r["parts"]
+        assert len(parts) == 2 and all(p["copies"] == 0 and not p["cast"] for p in parts), (rank, parts)
+        # the distributed optimizer all-gathers the parameters (data-parallel size > 1) once for both sub-optimizers
+        assert r["gathers"] == (0 if name == "ep2_fp32_optimizer" else 1), (rank, r["gathers"])
+    assert len({tuple(out["optimizer_steps"][name]["norms"]) for out in launch}) == 1  # one norm on every rank
+
+
 def test_resume_at_another_layout_keeps_the_trajectory_and_adam_moments():
     ref = straight("tp2_ep2", STEPS)
     source, stopped = interrupted()
     # TP2/EP2 -> TP1/EP4: first load it there and save it again at once (no step), so the optimizer state can be
     # compared, then continue
-    run_dir = _resume_elsewhere(source, stopped, "tp1_ep4", "tp1_ep4")
+    run_dir, launch = resaved_at_tp1_ep4()
     saved = source / "checkpoints" / f"step_{stopped:07d}"
     original = {k: v for k, v in read_all(saved, list(dcp.tensor_metadata(str(saved)))).items()}
-    world, layout = LAYOUTS["tp1_ep4"]
-    _, mcore = hf_and_mcore()
-    overrides = [*COMMON, *layout, f"model.init_from={mcore}", f"trainer.dir={run_dir}", f"trainer.steps={STEPS}"]
-    resaved_dir = Path(run_on_ranks(load_and_resave, world, overrides, str(WORK / "resaved"))[0])
+    resaved_dir = Path(launch[0]["resaved"])
     assert resaved_dir == WORK / "resaved" / f"step_{stopped:07d}"
     resaved = read_all(resaved_dir, list(dcp.tensor_metadata(str(resaved_dir))))
     moments = [k for k in original if "exp_avg" in k]

@@ -94,7 +94,8 @@ def test_what_the_lean_step_does_per_dtype():
     # expert) of the ChainedOptimizer run it; one rank: no parameter all-gather
     for name in ("fp32_clip", "fp32_noclip", "fp32_optimizer", "lora"):
         parts = got[name]["parts"]
-        assert len(parts) == 2 and all(p["copies"] == 0 and not p["cast"] and not p["gather"] for p in parts), name
+        assert len(parts) == 2 and all(p["copies"] == 0 and not p["cast"] for p in parts), name
+        assert got[name]["gathers"] == 0, name
     # bf16 parameters: every main weight goes back into its parameter; bf16 gradient buffers are cast for Adam
     for name, cast in (("bf16_params", False), ("bf16_grads", True)):
         parts = got[name]["parts"]

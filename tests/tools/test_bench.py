@@ -31,13 +31,87 @@ def test_experts_benchmark_grouped_equals_loop(tmp_path):
 
 
 def test_train_step_benchmark_matches_transformers(tmp_path):
+    """Also: the parts with and without DDP's gradient accumulation give the same weight gradients, the step's
+    syncs and aten calls are counted, and the profile's device figures are null without a device."""
     result = _run(tmp_path, "train_step.py", "--flavor", "debug", "--layers", "0", "--seq-length", "256",
                   "--samples-per-row", "2", "--image-side", "8", "--microbatches", "2", "--steps", "1",
-                  "--warmup", "1")
-    assert result["first_loss_rel_diff"] < 1e-4
+                  "--warmup", "1", "--check-parts", "--profile", str(tmp_path / "prof"))
+    assert result["first_loss_rel_diff"] < 1e-4 and result["first_loss_limit"] == 1e-4
     assert result["ours"]["tokens_per_s"] > 0 and result["transformers"]["tokens_per_s"] > 0
+    ratio = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    assert abs(result["speedup"] - ratio) < 1e-12 * ratio
     assert result["flops"]["tokens"] == 2 * 256 and result["flops"]["vision"] > 0
-    assert set(result["ours"]["parts_s"]) == {"decoder", "lm_head", "vision"}
+    ours = result["ours"]
+    parts = {"decoder", "lm_head", "vision"}
+    for key in ("parts_s", "parts_no_ddp_s", "parts_tflops", "parts_no_ddp_tflops"):
+        assert set(ours[key]) == parts and all(v > 0 for v in ours[key].values()), (key, ours[key])
+    # fp32 on the CPU: main_grad (zeroed, one accumulation) equals the gradient autograd.grad returns, bit for bit
+    assert ours["parts_grad_max_rel_diff"] == {p: 0.0 for p in parts}
+    for side in ("ours", "transformers"):
+        r = result[side]
+        counts = r["counts"]
+        assert counts["aten_calls"] > 500 and counts["host_syncs"] == sum(counts["syncs_by_op"].values()) > 0
+        assert counts["cuda_sync_warnings"] is None  # the CUDA sync debug mode needs a GPU
+        prof = r["profiled"]
+        assert Path(prof["profile"]).stat().st_size > 1000 and prof["table_wall_ms"] > 0
+        assert prof["gpu_busy"] is None and prof["kernel_ms"] is None and r["gpu_busy"] is None  # no device
+
+
+def test_device_time_counts_kernels_once():
+    """Kernel time sums device events only (not the CPU op rows that carry the same time, nor annotations), and
+    the busy time is the union of their intervals."""
+    sys.path.insert(0, str(ROOT / "tools" / "bench"))
+    from types import SimpleNamespace
+
+    import torch
+    from train_step import device_time
+
+    def event(device, start, end, annotation=False):
+        return SimpleNamespace(device_type=getattr(torch.autograd.DeviceType, device), is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("CPU", 0, 10_000),  # an op row spanning everything
+              event("CUDA", 100, 400), event("CUDA", 300, 600),  # overlapping kernels (two streams)
+              event("CUDA", 600, 700),  # touching
+              event("CUDA", 1_000, 1_500),
+              event("CUDA", 50, 2_000, annotation=True)]  # Optimizer.step#... on the GPU timeline
+    assert device_time(events) == {"kernel_ms": 1.2, "busy_ms": 1.1, "span_ms": 1.4, "events": 4}
+    assert device_time(events[:1]) is None
+    assert device_time([event("CUDA", 5, 9)]) == {"kernel_ms": 0.004, "busy_ms": 0.004, "span_ms": 0.004,
+                                                  "events": 1}
+
+
+def test_gpu_session_cpu_smoke(tmp_path):
+    """tools/bench/gpu_session.sh --cpu-smoke: every stage of the GPU session at a tiny size; at most six files in
+    the result folder (the device tool returns eight), the summary's goal table last and equal to the JSON."""
+    out = tmp_path / "session"
+    proc = subprocess.run(["bash", "tools/bench/gpu_session.sh", str(out), "--cpu-smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["env.txt", "logs.tar.gz", "step.json", "step8k.json",
+                                                     "summary.txt"]
+    import tarfile
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"step.log", "step8k.log", "ours_step.txt", "transformers_step.txt"} <= names, names
+    summary = (out / "summary.txt").read_text()
+    assert proc.stdout.rstrip().endswith(summary.rstrip())
+    cells = [line[2:-2].split(" | ") for line in summary.splitlines()
+             if line.startswith("| ") and line.endswith(" |") and not line.startswith("| goal")]
+    rows = {c[0]: c[1:] for c in cells}
+    assert len(rows) == 15, rows
+    step, big = (json.loads((out / f).read_text()) for f in ("step.json", "step8k.json"))
+    assert step["config"]["seq_length"] == 256 and big["config"]["seq_length"] == 512
+    ratio = rows["whole step, ours / transformers (benchmark: 2 x 256-token rows, 64-patch images, 1 LLM layers)"]
+    assert ratio[1] == f"{step['ours']['tokens_per_s']:,.0f} / {step['transformers']['tokens_per_s']:,.0f} " \
+                       f"tokens/s = {step['speedup']:.2f}x"
+    syncs = rows["host syncs per step (512-token rows), ours / transformers: SyncCounter; CUDA sync-debug warnings; "
+                 "aten calls"]
+    assert syncs[1].startswith(f"{big['ours']['counts']['host_syncs']} / {big['transformers']['counts']['host_syncs']}; "
+                               "- / -;")
+    assert rows["GPU busy (union of kernel intervals / wall of one profiled step), ours / transformers"][1] == "- / -"
+    assert rows["first-step loss, ours against transformers (512-token rows), relative difference"][2] == "yes"
+    assert "checks: skipped (GPU only)" in summary
 
 
 def test_host_overhead_benchmark_runs(tmp_path):

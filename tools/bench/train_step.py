@@ -15,9 +15,25 @@ weights, per-token loss, aux loss), bf16 on the GPU, grouped-GEMM experts, varle
 transformers: `Qwen3VLMoeForConditionalGeneration` in bf16, sdpa attention, `--hf-experts` (grouped_mm), torch's
 fused AdamW, the same micro-batches (its packed-sequence mask from per-sample position ids; router aux loss on).
 
+Measured, besides the step time (median of `--steps`):
+- parts (ours, forward + backward of one micro-batch, unless `--no-parts`): the decoder layers, the LM head with
+  the trainer's loss, the vision tower; each twice: "ddp" on the DDP-wrapped parameters as in training (megatron
+  DDP's gradient hooks add every weight gradient into its fp32 `main_grad`), and "no ddp" with the same weight
+  gradients computed and returned by `torch.autograd.grad` (no accumulation hooks fire). `--check-parts` also checks
+  that both give the same weight gradients (`parts_grad_max_rel_diff`: 0 on the CPU in fp32);
+- host syncs and aten calls of one whole step of each side (`host_overhead.SyncCounter`: what blocks the host on a
+  GPU, by op and call site; on a GPU also `torch.cuda.set_sync_debug_mode` warnings of one step), unless
+  `--no-sync-count`;
+- with `--profile DIR`: one step of each under torch.profiler. On a GPU, first with device activity only (little
+  host overhead): `kernel_ms` sums the device events (kernels, memcpy, memset; not the op rows, which repeat their
+  kernels' time, nor annotations), `busy_ms` is the union of their intervals, `gpu_busy` = busy_ms / wall time of
+  that profiled step; then with CPU and device activity for the op table written to DIR (by self device time).
+
 Printed: tokens/s, model TFLOP/s and MFU (Megatron-LM's formula, training.metrics; LM head and vision apart), peak
-memory, the first-step loss of both (same weights and data: they must agree), and the speed ratio. The table is
-the last thing printed.
+memory, the first-step loss of both (same weights and data: they must agree), the speed ratio (ours' tokens/s over
+transformers'), the parts with and without DDP accumulation, syncs and GPU-busy fraction. The table is the last
+thing printed. A transformers step that runs out of GPU memory is reported as such (`transformers.error`), ours'
+figures kept.
 """
 
 from __future__ import annotations
@@ -28,6 +44,9 @@ import gc
 import json
 import os
 import sys
+import time
+import warnings
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -35,6 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import environment, peak_gib, reset_peak, start_single_process, synchronize, time_call  # noqa: E402
 
+from qwenvl_mcore.models.qwen3_vl_moe.attention import AttentionContext, RotaryTables  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.config import args_from_hf_config, flavor_hf_config  # noqa: E402
 from qwenvl_mcore.models.qwen3_vl_moe.model import (  # noqa: E402
     IGNORE_INDEX, MultimodalInputs, packed_attention_segments, shift_labels)
@@ -128,58 +148,227 @@ def flops_of(args, rows) -> dict:
             "total": language + vision}
 
 
-def bench_parts(model, args, batch: MultimodalInputs, device, *, warmup: int, iters: int) -> dict:
-    """Forward + backward of the decoder layers, the LM head + loss, and the vision tower alone (one micro-batch)."""
+def head_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The LM head and the loss as the model's forward computes them, summed over the loss tokens (`labels` [s, b],
+    IGNORE_INDEX where there is none): the row-chunked head where the model uses it (`lm_loss.token_losses`),
+    else the logits and torch's fused cross-entropy on their fp32 copy at TP1, megatron's vocab-parallel one above."""
+    chunked = getattr(model, "_chunked_loss", None)
+    if chunked is not None and chunked():
+        from qwenvl_mcore.models.qwen3_vl_moe.lm_loss import token_losses
+
+        return token_losses(hidden, model.output_layer.weight, labels, IGNORE_INDEX, model.loss_chunk_tokens).sum()
+    logits, _ = model.output_layer(hidden)
+    if model.config.tensor_model_parallel_size == 1:
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    ignore = labels == IGNORE_INDEX
+    return vocab_parallel_cross_entropy(logits.float(), labels.masked_fill(ignore, 0)).masked_fill(ignore, 0).sum()
+
+
+def part_runs(model, args, batch: MultimodalInputs, device) -> dict:
+    """For the decoder layers, the LM head + loss and the vision tower of one micro-batch: (forward, its module, its
+    input that needs a gradient or None); forward() gives (outputs, output gradients)."""
     s = batch.input_ids.shape[1]
     dtype = model.config.params_dtype
     g = torch.Generator().manual_seed(1)
     positions = model.position_ids(batch).to(device)
-    rotary = model.rotary(positions)
-    segments = packed_attention_segments(batch.cu_seqlens, s, device=device)
+    # what the model's forward passes its decoder: the segments and the rotary tables, built once per forward
+    context = AttentionContext(packed_attention_segments(batch.cu_seqlens, s, device=device),
+                               RotaryTables(model.rotary(positions), dtype))
     hidden = (torch.randn(s, 1, args.text.hidden_size, generator=g) * 0.5).to(device, dtype).requires_grad_()
     grad = torch.randn(s, 1, args.text.hidden_size, generator=g).to(device, dtype)
-    target = batch.labels.transpose(0, 1).to(device).clamp_min(0)
+    labels = batch.labels.transpose(0, 1).to(device)
     pixels, grid = batch.pixel_values.to(device), batch.image_grid_thw
 
     def decoder():
-        out = model.decoder(hidden, attention_mask=segments, rotary_pos_emb=rotary)
-        torch.autograd.backward(out, grad)
+        return [model.decoder(hidden, attention_mask=context, rotary_pos_emb=None)], [grad]
 
     def head():
-        logits, _ = model.output_layer(hidden)
-        vocab_parallel_cross_entropy(logits.float(), target).sum().backward()
+        return [head_loss(model, hidden, labels)], [None]
 
     def vision():
         merged, deep = model.vision(pixels, grid)
-        torch.autograd.backward([merged, *deep], [torch.ones_like(merged), *[torch.ones_like(d) for d in deep]])
+        outputs = [merged, *deep]
+        return outputs, [torch.ones_like(o) for o in outputs]
 
-    return {name: time_call(fn, device, warmup=warmup, iters=iters)["median_s"]
-            for name, fn in (("decoder", decoder), ("lm_head", head), ("vision", vision))}
+    return {"decoder": (decoder, model.decoder, hidden), "lm_head": (head, model.output_layer, hidden),
+            "vision": (vision, model.vision, None)}
+
+
+def _trainable(module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def with_ddp(forward):
+    """Backward into the DDP-wrapped parameters, as in training: megatron DDP's hooks add each weight gradient
+    into its fp32 main_grad."""
+    def run():
+        outputs, grads = forward()
+        torch.autograd.backward(outputs, grads)
+
+    return run
+
+
+def without_ddp(forward, module, leaf):
+    """The same weight (and input) gradients, returned by autograd.grad instead of accumulated: the parameters'
+    AccumulateGrad nodes, which carry megatron DDP's hooks, do not run."""
+    inputs = ([] if leaf is None else [leaf]) + _trainable(module)
+
+    def run():
+        outputs, grads = forward()
+        return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+
+    return run
+
+
+def check_parts(runs: dict) -> dict:
+    """Largest relative difference, per part, between the weight gradients DDP accumulates (main_grad, zeroed
+    first) and the ones autograd.grad returns (a parameter without a gradient must have a zero main_grad; inf when
+    no parameter got one)."""
+    worst = {}
+    for name, (forward, module, leaf) in runs.items():
+        params = _trainable(module)
+        for p in params:
+            p.main_grad.zero_()
+        with_ddp(forward)()
+        grads = without_ddp(forward, module, leaf)()[0 if leaf is None else 1:]
+        diff, compared = 0.0, 0
+        for p, g in zip(params, grads):
+            ref = p.main_grad.float()
+            if g is None:
+                diff = max(diff, 0.0 if bool((ref == 0).all()) else float("inf"))
+                continue
+            compared += 1
+            diff = max(diff, float((g.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+        worst[name] = diff if compared else float("inf")
+    return worst
+
+
+def bench_parts(model, args, batch: MultimodalInputs, device, *, warmup: int, iters: int,
+                check: bool = False) -> dict:
+    """Forward + backward of the decoder layers, the LM head + loss, and the vision tower alone (one micro-batch),
+    with and without DDP's gradient accumulation: {"ddp": {part: s}, "no_ddp": {part: s}}."""
+    runs = part_runs(model, args, batch, device)
+    out = {"ddp": {}, "no_ddp": {}}
+    for name, (forward, module, leaf) in runs.items():
+        out["ddp"][name] = time_call(with_ddp(forward), device, warmup=warmup, iters=iters)["median_s"]
+        out["no_ddp"][name] = time_call(without_ddp(forward, module, leaf), device, warmup=warmup,
+                                        iters=iters)["median_s"]
+    if check:
+        out["grad_max_rel_diff"] = check_parts(runs)
+    return out
+
+
+_DEVICE_TYPES = tuple(getattr(torch.autograd.DeviceType, n) for n in ("CUDA", "PrivateUse1", "XPU", "MTIA", "HIP")
+                      if hasattr(torch.autograd.DeviceType, n))
+
+
+def device_time(events) -> dict | None:
+    """Device work among profiler events (FunctionEvent-like: device_type, is_user_annotation, time_range): the
+    kernels, copies and memsets, not the annotations that span them (torch's own rule for its table's device
+    total). {"kernel_ms": summed durations, "busy_ms": union of their intervals, "span_ms": first start to last
+    end, "events": how many}; None when there is none (a CPU run)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type in _DEVICE_TYPES and not getattr(e, "is_user_annotation", False))
+    if not spans:
+        return None
+    busy, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            busy += hi - lo
+            lo, hi = a, b
+        else:
+            hi = max(hi, b)
+    busy += hi - lo
+    return {"kernel_ms": sum(b - a for a, b in spans) / 1e3, "busy_ms": busy / 1e3,
+            "span_ms": (max(b for _, b in spans) - spans[0][0]) / 1e3, "events": len(spans)}
+
+
+def _timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def profiled(fn, path: str, device) -> dict:
-    """Run fn once under torch.profiler; write the op table (by self device time) to `path`; return the wall time
-    and the summed kernel time of that run."""
+    """One step under torch.profiler. On a GPU first with device activity only: its kernel time, the union of its
+    kernel intervals and the GPU-busy fraction (that union over the profiled step's wall time); then with CPU (and
+    device) activity, for the op table (by self device time on a GPU, self CPU time elsewhere) written to `path`.
+    On the CPU the device figures are None."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        fn()
-        synchronize(device)
+    result = {"profile": path, "wall_ms": None, "kernel_ms": None, "busy_ms": None, "gpu_busy": None}
+    cuda = device.type == "cuda"
+    if cuda:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            wall_s = _timed(fn, device)
+        work = device_time(prof.events())
+        if work is None:
+            raise RuntimeError("the CUDA profile of the step holds no device events")
+        result.update(work, wall_ms=wall_s * 1e3, gpu_busy=work["busy_ms"] / (wall_s * 1e3))
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        result["table_wall_ms"] = _timed(fn, device) * 1e3
     events = prof.key_averages()
     sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    busy_us = sum(getattr(e, sort, 0) for e in events) if device.type == "cuda" else 0
+    result["table_self_cpu_ms"] = sum(e.self_cpu_time_total for e in events) / 1e3
     with open(path, "w") as f:
-        f.write(events.table(sort_by=sort if device.type == "cuda" else "self_cpu_time_total", row_limit=60))
-    wall_us = max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events())
-    return {"profile": path, "wall_ms": wall_us / 1e3, "kernel_ms": busy_us / 1e3}
+        f.write(events.table(sort_by=sort if cuda else "self_cpu_time_total", row_limit=60))
+    return result
+
+
+def _site(filename: str, lineno: int) -> str:
+    for marker in ("site-packages/", "qwenvl_mcore/", "tools/bench/"):
+        if marker in filename:
+            filename = ("" if marker == "site-packages/" else marker) + filename.split(marker, 1)[1]
+            break
+    return f"{filename}:{lineno}"
+
+
+def count_step(fn, device, host=()) -> dict:
+    """Aten calls and host syncs of one fn() (a whole training step): `host_overhead.SyncCounter`'s counts (what
+    would block the host on a GPU; `host` are the tensors the trainer keeps on the host) and, on a GPU, the
+    synchronizing CUDA calls torch's sync debug mode warns about in one more step (`cuda_sync_warnings`)."""
+    from host_overhead import SyncCounter  # imports this module: imported here, not at the top
+
+    with SyncCounter(host) as counter:
+        fn()
+    synchronize(device)
+    result = {"aten_calls": counter.aten_calls, "host_syncs": counter.host_syncs,
+              "syncs_by_op": dict(counter.syncs.most_common()), "sync_sites": dict(counter.sites.most_common(10)),
+              "cuda_sync_warnings": None}
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+                synchronize(device)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sites = Counter(_site(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message).lower())
+        result["cuda_sync_warnings"] = sum(sites.values())
+        result["cuda_sync_sites"] = dict(sites.most_common(10))
+    return result
+
+
+def attempt(fn):
+    """fn(), or {"error": ...} when it raises: a failed extra measurement (profile, sync count, parts) is reported
+    (and makes the exit status 1) without losing the step's other figures."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded in the report
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            gc.collect()
+            torch.cuda.empty_cache()
+        return {"error": f"{type(e).__name__}: {e}"[:1000]}
 
 
 def bench_ours(hf_model, cfg, rows, device, dtype, *, steps: int, warmup: int, parts: bool,
-               profile_dir: str | None = None) -> dict:
+               profile_dir: str | None = None, sync_count: bool = True, check: bool = False) -> dict:
     from qwenvl_mcore.testing.parity import build_pair
 
     args = args_from_hf_config(cfg)
@@ -187,26 +376,40 @@ def bench_ours(hf_model, cfg, rows, device, dtype, *, steps: int, warmup: int, p
     hf_model.to("cpu")  # the weights now live in ours; keep the device for one model at a time
     reset_peak(device)
     chunks = wrap_ddp(chunks, distributed_optimizer=True)
-    optimizer, _ = build_optimizer(chunks, OptimSettings(lr=1e-5, clip_grad=1.0), steps=steps + warmup + 1)
+    optimizer, _ = build_optimizer(chunks, OptimSettings(lr=1e-5, clip_grad=1.0), steps=steps + warmup + 4)
     for c in chunks:
         c.train()
     # pixels on the device up front, as transformers gets its whole batch (a trainer would prefetch them); the token
     # ids stay on the host, where the model computes the packed MRoPE positions from them
     micro = [replace(ours, pixel_values=ours.pixel_values.to(device)) for ours, _ in rows]
+
+    def step():
+        train_step(chunks, optimizer, micro)
+
     first = train_step(chunks, optimizer, micro)
     result = {"first_loss": first.loss, "first_aux_loss": first.aux_loss}
-    result["step_s"] = time_call(lambda: train_step(chunks, optimizer, micro), device, warmup=warmup - 1,
-                                 iters=steps)["median_s"]
+    result["step_s"] = time_call(step, device, warmup=warmup - 1, iters=steps)["median_s"]
     result["peak_gib"] = peak_gib(device)
     if profile_dir:
-        result["profiled"] = profiled(lambda: train_step(chunks, optimizer, micro),
-                                      os.path.join(profile_dir, "ours_step.txt"), device)
+        result["profiled"] = attempt(lambda: profiled(step, os.path.join(profile_dir, "ours_step.txt"), device))
+    if sync_count:
+        host = [t for m in micro for t in (m.input_ids, m.labels, m.cu_seqlens, m.image_grid_thw)
+                if isinstance(t, torch.Tensor)]  # what the trainer keeps on the host (as host_overhead.py does)
+        result["counts"] = attempt(lambda: count_step(step, device, host))
     if parts:
-        result["parts_s"] = bench_parts(unwrap(chunks[0]), args, micro[0], device, warmup=1, iters=max(steps, 3))
+        measured = attempt(lambda: bench_parts(unwrap(chunks[0]), args, micro[0], device, warmup=1,
+                                               iters=max(steps, 3), check=check))
+        if "error" in measured:
+            result["parts_error"] = measured["error"]
+        else:
+            result["parts_s"], result["parts_no_ddp_s"] = measured["ddp"], measured["no_ddp"]
+            if check:
+                result["parts_grad_max_rel_diff"] = measured["grad_max_rel_diff"]
     return result  # the model and optimizer are freed with this frame (main collects)
 
 
-def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int, profile_dir: str | None = None,
+                       sync_count: bool = True) -> dict:
     hf_model.to(device)
     hf_model.train()
     batches = [{k: v.to(device) for k, v in hf.items()} for _, hf in rows]
@@ -228,7 +431,10 @@ def bench_transformers(hf_model, rows, device, *, steps: int, warmup: int, profi
     step_s = time_call(step, device, warmup=warmup, iters=steps)["median_s"]
     result = {"first_loss": lm, "step_s": step_s, "peak_gib": peak_gib(device)}
     if profile_dir:
-        result["profiled"] = profiled(step, os.path.join(profile_dir, "transformers_step.txt"), device)
+        result["profiled"] = attempt(lambda: profiled(step, os.path.join(profile_dir, "transformers_step.txt"),
+                                                      device))
+    if sync_count:
+        result["counts"] = attempt(lambda: count_step(step, device))  # its whole batch is on the device
     hf_model.zero_grad(set_to_none=True)
     return result
 
@@ -252,7 +458,11 @@ def main(argv=None) -> int:
                    help="exit 1 when the first-step losses differ more than this (relative; default 1e-4 in fp32, "
                         "2e-2 in bf16)")
     p.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
-    p.add_argument("--profile", metavar="DIR", help="also profile one step of each (torch.profiler op tables in DIR)")
+    p.add_argument("--check-parts", action="store_true",
+                   help="also check that the parts with and without DDP accumulation give the same weight gradients")
+    p.add_argument("--no-sync-count", action="store_true", help="skip counting host syncs and aten calls of a step")
+    p.add_argument("--profile", metavar="DIR", help="also profile one step of each (torch.profiler op tables in DIR; "
+                                                    "GPU-busy fraction on a GPU)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     if a.profile:
@@ -260,6 +470,8 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     if (device.type == "cuda") != torch.cuda.is_available():
         raise SystemExit("--device must be cuda exactly when a GPU is present (megatron's state follows the machine)")
+    if a.check_parts and a.no_parts:
+        raise SystemExit("--check-parts checks the parts: drop --no-parts")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     start_single_process()
     cfg = reduced_config(a.flavor, a.layers or None)
@@ -270,11 +482,19 @@ def main(argv=None) -> int:
     experts_impl = a.hf_experts or ("grouped_mm" if device.type == "cuda" else "default")
     hf_model = build_hf_model(cfg, device, dtype, experts_impl)
     ours = bench_ours(hf_model, cfg, rows, device, dtype, steps=a.steps, warmup=max(a.warmup, 1),
-                      parts=not a.no_parts, profile_dir=a.profile)
+                      parts=not a.no_parts, profile_dir=a.profile, sync_count=not a.no_sync_count,
+                      check=a.check_parts)
     gc.collect()
     reset_peak(device)
-    theirs = None if a.no_hf else bench_transformers(hf_model, rows, device, steps=a.steps, warmup=a.warmup,
-                                                     profile_dir=a.profile)
+    theirs = None
+    if not a.no_hf:
+        try:
+            theirs = bench_transformers(hf_model, rows, device, steps=a.steps, warmup=a.warmup,
+                                        profile_dir=a.profile, sync_count=not a.no_sync_count)
+        except torch.cuda.OutOfMemoryError as e:  # ours' figures are kept; the report says what happened
+            theirs = {"error": f"out of GPU memory: {str(e).splitlines()[0]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
     synchronize(device)
     destroy_distributed()
 
@@ -285,48 +505,91 @@ def main(argv=None) -> int:
         return {"tokens_per_s": flops["tokens"] / step_s, "tflops": flops["total"] / step_s / 1e12,
                 "mfu": flops["total"] / step_s / peak}
 
+    def busy(r: dict) -> dict:
+        return {"gpu_busy": (r.get("profiled") or {}).get("gpu_busy")}
+
     report = {"environment": env, "config": vars(a), "layers": args.text.num_hidden_layers, "flops": flops,
-              "ours": {**ours, **rates(ours["step_s"])}}
+              "ours": {**ours, **rates(ours["step_s"]), **busy(ours)}}
     per_mb = {k: flops[k] / a.microbatches for k in ("decoder", "lm_head", "vision")}
-    if "parts_s" in ours:
-        report["ours"]["parts_tflops"] = {k: per_mb[k] / t / 1e12 for k, t in ours["parts_s"].items()}
-    if theirs:
-        report["transformers"] = {**theirs, **rates(theirs["step_s"]), "experts_implementation": experts_impl}
-        report["speedup"] = theirs["step_s"] / ours["step_s"]
+    for key in ("parts", "parts_no_ddp"):
+        if f"{key}_s" in ours:
+            report["ours"][f"{key}_tflops"] = {k: per_mb[k] / t / 1e12 for k, t in ours[f"{key}_s"].items()}
+    ok = theirs is None or "error" not in theirs
+    limit = a.max_loss_diff if a.max_loss_diff is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    if theirs and ok:
+        report["transformers"] = {**theirs, **rates(theirs["step_s"]), **busy(theirs),
+                                  "experts_implementation": experts_impl}
+        report["speedup"] = theirs["step_s"] / ours["step_s"]  # = ours' tokens/s over transformers' (same tokens)
         report["first_loss_rel_diff"] = abs(ours["first_loss"] - theirs["first_loss"]) / abs(theirs["first_loss"])
+        report["first_loss_limit"] = limit
+    elif theirs:
+        report["transformers"] = {**theirs, "experts_implementation": experts_impl}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
+    print_report(report, a, args, dtype, peak)
+    errors = [f"{side} {key}: {r[key]['error'] if isinstance(r[key], dict) else r[key]}"
+              for side, r in (("ours", ours), ("transformers", theirs)) if r
+              for key in ("profiled", "counts", "parts_error", "error")
+              if key in r and (key in ("parts_error", "error") or "error" in r[key])]
+    for line in errors:
+        print(f"FAILED {line}")
+    if theirs and not ok:
+        return 1
+    if theirs:
+        agree = report["first_loss_rel_diff"] <= limit
+        print(f"speedup over transformers: {report['speedup']:.2f}x; first-step loss relative difference "
+              f"{report['first_loss_rel_diff']:.2e} ({'within' if agree else 'OVER'} {limit:g})")
+        return 0 if agree and not errors else 1
+    return 1 if errors else 0
 
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def print_report(report: dict, a, args, dtype, peak: float) -> None:
+    flops, env, ours = report["flops"], report["environment"], report["ours"]
+    theirs = report.get("transformers")
     print(f"# train step: {env}; {a.flavor} with {args.text.num_hidden_layers} LLM layers, {args.vision.depth} ViT "
           f"blocks, {dtype}; {a.microbatches} micro-batches x {a.seq_length} tokens ({a.samples_per_row} samples/row, "
           f"{a.image_side}x{a.image_side}-patch images)")
     print(f"# model FLOPs/step: decoder {flops['decoder'] / 1e12:.2f} T, LM head {flops['lm_head'] / 1e12:.2f} T, "
           f"vision {flops['vision'] / 1e12:.2f} T; MFU against {peak / 1e12:.0f} TFLOP/s")
-    print("| run | step s | tokens/s | model TFLOP/s | MFU | peak GiB | first loss |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in (("qwenvl-mcore", report["ours"]), ("transformers", report.get("transformers"))):
-        if r:
-            mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} "
-                  f"| {mem} "
-                  f"| {r['first_loss']:.4f} |")
-    if "parts_tflops" in report["ours"]:
-        print("| part (ours, fwd+bwd, one micro-batch) | ms | model TFLOP/s | |||")
-        for k, t in ours["parts_s"].items():
-            print(f"| {k} | {t * 1e3:.1f} | {report['ours']['parts_tflops'][k]:.1f} | |||")
     for name, r in (("qwenvl-mcore", ours), ("transformers", theirs)):
-        if r and "profiled" in r:
-            prof = r["profiled"]
-            print(f"profiled {name} step: wall {prof['wall_ms']:.1f} ms, kernels {prof['kernel_ms']:.1f} "
-                  f"ms ({r['profiled']['profile']})")
-    if theirs:
-        limit = a.max_loss_diff if a.max_loss_diff is not None else (1e-4 if dtype == torch.float32 else 2e-2)
-        agree = report["first_loss_rel_diff"] <= limit
-        print(f"speedup over transformers: {report['speedup']:.2f}x; first-step loss relative difference "
-              f"{report['first_loss_rel_diff']:.2e} ({'within' if agree else 'OVER'} {limit:g})")
-        return 0 if agree else 1
-    return 0
+        c = (r or {}).get("counts")
+        if c and "error" not in c:
+            print(f"# {name} host syncs by op: " + (", ".join(f"{k} {v}" for k, v in c["syncs_by_op"].items())
+                                                     or "none"))
+            if c.get("cuda_sync_sites"):
+                print(f"# {name} synchronizing CUDA calls (sync debug mode) by site: "
+                      + ", ".join(f"{k} {v}" for k, v in c["cuda_sync_sites"].items()))
+        if r and "profiled" in r and "error" not in r["profiled"]:
+            p = r["profiled"]
+            print(f"# profiled {name} step: " + (
+                f"wall {p['wall_ms']:.1f} ms, kernels {p['kernel_ms']:.1f} ms, busy (union) {p['busy_ms']:.1f} ms "
+                f"= {p['gpu_busy']:.1%}; " if p["gpu_busy"] is not None else "")
+                + f"op table {p['profile']} (wall {p['table_wall_ms']:.1f} ms with CPU activity)")
+    print("| run | step s | tokens/s | model TFLOP/s | MFU | peak GiB | first loss | GPU busy | host syncs/step "
+          "| aten calls/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in (("qwenvl-mcore", ours), ("transformers", theirs)):
+        if r and "step_s" in r:
+            c = r.get("counts") or {}
+            print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} "
+                  f"| {_fmt(r['peak_gib'], '.1f')} | {r['first_loss']:.4f} | {_fmt(r['gpu_busy'], '.1%')} "
+                  f"| {_fmt(c.get('host_syncs'), 'd')} | {_fmt(c.get('aten_calls'), 'd')} |")
+    if "parts_s" in ours:
+        print("| part (ours, fwd+bwd, one micro-batch) | ms, DDP accumulation | model TFLOP/s | ms, without "
+              "| model TFLOP/s |")
+        print("|---|---|---|---|---|")
+        for k, t in ours["parts_s"].items():
+            t0 = ours["parts_no_ddp_s"][k]
+            print(f"| {k} | {t * 1e3:.1f} | {ours['parts_tflops'][k]:.1f} | {t0 * 1e3:.1f} "
+                  f"| {ours['parts_no_ddp_tflops'][k]:.1f} |")
+        if "parts_grad_max_rel_diff" in ours:
+            print("# parts' weight gradients, with against without DDP accumulation, max relative difference: "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in ours["parts_grad_max_rel_diff"].items()))
 
 
 if __name__ == "__main__":

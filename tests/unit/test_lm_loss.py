@@ -273,3 +273,26 @@ def test_model_head_chunked_equals_unchunked(model_results, tied, name):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_model_takes_megatron_path_with_adapters_on_the_head(model_results, tied):
     assert model_results[(tied, "path")] == {"default_chunked": True, "with_adapters_chunked": False}
+
+
+def test_lm_head_benchmark_runs_on_the_cpu(tmp_path):
+    """tools/bench/lm_head.py (the GPU figure, chunked vs unchunked) at a tiny size: the chunked settings give the
+    unchunked losses and gradients (fp32)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "lm_head.json"
+    proc = subprocess.run([sys.executable, "tools/bench/lm_head.py", "--tokens", "300", "--hidden", "32", "--vocab",
+                           "1000", "--chunks", "0,64,384", "--iters", "1", "--warmup", "0", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| 384 |"), proc.stdout[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["loss_chunk_tokens"] for r in rows] == [0, 64, 384]
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["peak_extra_gib"] is None  # no device memory figure
+        assert r["loss_rel_diff"] == 0.0
+        assert r["hidden_grad_rel_diff"] <= GRAD_TOL and r["weight_grad_rel_diff"] <= GRAD_TOL

@@ -47,10 +47,10 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                          f"{tuple(labels.shape)} and {tuple(weight.shape)}.")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and the output weight ({weight.dtype}) must share a dtype.")
-    keep = labels != ignore_index
-    target = labels.masked_fill(~keep, 0)
+    ignore = labels == ignore_index
+    target = labels.masked_fill(ignore, 0)
     loss = _ChunkedLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1),
-                                keep.reshape(-1), chunk_tokens)
+                                ignore.reshape(-1), chunk_tokens)
     return loss.view(labels.shape)
 
 
@@ -69,64 +69,85 @@ def row_chunks(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 
 class _ChunkedLMLoss(torch.autograd.Function):
-    """hidden [N, h], weight [V, h], target [N] (0 where ignored), keep [N] bool -> fp32 losses [N]."""
+    """hidden [N, h], weight [V, h], target [N] (0 where ignored), ignore [N] bool -> fp32 losses [N].
+
+    Single-chunk and single-slice calls skip the slicing and concatenation (fewer ops per call on the host)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, keep, chunk_tokens: int):
-        n = hidden.shape[0]
-        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        row_max = torch.empty_like(loss)
-        log_norm = torch.empty_like(loss)
-        for start, end in row_chunks(n, chunk_tokens):
-            logits = torch.mm(hidden[start:end], weight.t())  # [c, V], parameter dtype
+    def forward(ctx, hidden, weight, target, ignore, chunk_tokens: int):
+        bounds = row_chunks(hidden.shape[0], chunk_tokens)
+        whole = len(bounds) == 1
+        weight_t = weight.t()
+        losses, maxima, norms = [], [], []
+        for start, end in bounds:
+            logits = torch.mm(hidden if whole else hidden[start:end], weight_t)  # [c, V], parameter dtype
             # fp32 log-softmax of the logits, as cross_entropy(logits.float()) computes it (the dtype argument
             # spares the fp32 copy where the kernel converts on the fly)
             logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            loss[start:end] = torch.nn.functional.nll_loss(logp, target[start:end], reduction="none")
-            top, where = logits.max(dim=-1)
+            losses.append(torch.nn.functional.nll_loss(logp, target if whole else target[start:end],
+                                                       reduction="none"))
+            top, where = logits.max(dim=1, keepdim=True)
             del logits
-            row_max[start:end] = top
+            maxima.append(top)
             # log-softmax evaluates (x - max) - log_norm, so at a largest logit its output is -log_norm exactly
-            log_norm[start:end] = logp.gather(1, where.unsqueeze(1)).squeeze(1).neg_()
+            norms.append(logp.gather(1, where).neg_())
             del logp
-        loss.masked_fill_(~keep, 0.0)
-        ctx.save_for_backward(hidden, weight, target, keep, row_max, log_norm)
+        loss, row_max, log_norm = (parts[0] if whole else torch.cat(parts) for parts in (losses, maxima, norms))
+        if row_max.dtype != torch.float32:
+            row_max = row_max.float()  # exact
+        loss.masked_fill_(ignore, 0.0)
+        ctx.save_for_backward(hidden, weight, target, ignore, row_max, log_norm)  # row_max, log_norm: [N, 1] fp32
         ctx.chunk_tokens = chunk_tokens
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, target, keep, row_max, log_norm = ctx.saved_tensors
+        hidden, weight, target, ignore, row_max, log_norm = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
             return None, None, None, None, None
         n, vocab = hidden.shape[0], weight.shape[0]
+        low = weight.dtype != torch.float32
         # the losses of ignored tokens are constants (0): no gradient flows through them
-        g = grad_loss.float().masked_fill(~keep, 0.0).unsqueeze(1)
-        cols = max(1, ctx.chunk_tokens * vocab // max(n, 1))  # the forward chunk's element count, over all tokens
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        grad_hidden = torch.zeros(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) \
-            if need_hidden else None
+        g = torch.where(ignore, 0.0, grad_loss.float() if grad_loss.dtype != torch.float32 else grad_loss)
+        g = g.unsqueeze(1)
         neg_g = g.neg()
-        for v0 in range(0, vocab, cols):
-            v1 = min(v0 + cols, vocab)
-            w = weight[v0:v1]
-            # d loss / d logits = g * (softmax - onehot(target)), in torch's log-softmax backward's op order:
-            # exp(output) * g, then g subtracted at the target
+        cols = max(1, ctx.chunk_tokens * vocab // max(n, 1))  # the forward chunk's element count, over all tokens
+        slices = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]
+        whole = len(slices) == 1
+        if whole:
+            col = target.unsqueeze(1)
+        else:  # each target's slice and its column there
+            slot = torch.div(target, cols, rounding_mode="floor").unsqueeze(1)
+            col = torch.remainder(target, cols).unsqueeze(1)
+        grad_weight = torch.empty_like(weight) if need_weight and not whole else None
+        grad_hidden = None
+        for i, (v0, v1) in enumerate(slices):
+            w = weight if whole else weight[v0:v1]
+            # d loss / d logits = g * (softmax - onehot(target)) in torch's log-softmax backward's op order:
+            # exp((x - max) - log_norm) * g, then g subtracted at the target
             d = torch.mm(hidden, w.t())  # the logits of this slice again, parameter dtype
-            d = d.sub_(row_max.unsqueeze(1)) if d.dtype == torch.float32 else d - row_max.unsqueeze(1)  # fp32
-            d.sub_(log_norm.unsqueeze(1)).exp_().mul_(g)
-            local = target - v0
-            inside = (local >= 0) & (local < v1 - v0)
-            d.scatter_add_(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1), torch.where(inside.unsqueeze(1), neg_g, 0.0))
-            d = d.to(weight.dtype)
+            d = d - row_max if low else d.sub_(row_max)  # fp32
+            d.sub_(log_norm).exp_().mul_(g)
+            if whole:
+                d.scatter_add_(1, col, neg_g)
+            else:  # 0 added in the rows whose target lies in another slice
+                d.scatter_add_(1, col if v1 - v0 == cols else col.clamp(max=v1 - v0 - 1),
+                               torch.where(slot == i, neg_g, 0.0))
+            if low:
+                d = d.to(weight.dtype)
             if need_weight:
-                torch.mm(d.t(), hidden, out=grad_weight[v0:v1])
-            if need_hidden:
-                if d.dtype == torch.float32:
-                    grad_hidden.addmm_(d, w)
+                if whole:
+                    grad_weight = torch.mm(d.t(), hidden)
                 else:
+                    torch.mm(d.t(), hidden, out=grad_weight[v0:v1])
+            if need_hidden:  # summed over the slices in fp32
+                if grad_hidden is None:
+                    grad_hidden = torch.mm(d, w).float() if low else torch.mm(d, w)
+                elif low:
                     grad_hidden += torch.mm(d, w)
-        if need_hidden:
+                else:
+                    grad_hidden.addmm_(d, w)
+        if need_hidden and low:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None

@@ -329,7 +329,7 @@ class Qwen3VLMoeModel(MegatronModule):
         weight = self.embedding.weight if (self.share_embeddings_and_output_weights and self.pre_process) else None
         if batch.labels is not None and self._chunked_loss():  # per-token losses, never the full logits
             labels = batch.labels
-            if split is None:
+            if split is None and s_orig < s:  # drop the padding to a multiple of TP
                 hidden, labels = hidden[:s_orig], labels[:, :s_orig]
             loss = token_losses(hidden, self.output_layer.weight if weight is None else weight,
                                 labels.transpose(0, 1), IGNORE_INDEX, self.loss_chunk_tokens)

@@ -107,8 +107,8 @@ def test_gpu_session_cpu_smoke(tmp_path):
                        f"tokens/s = {step['speedup']:.2f}x"
     syncs = rows["host syncs per step (512-token rows), ours / transformers: SyncCounter; CUDA sync-debug warnings; "
                  "aten calls"]
-    assert syncs[1].startswith(f"{big['ours']['counts']['host_syncs']} / {big['transformers']['counts']['host_syncs']}; "
-                               "- / -;")
+    counts = big["ours"]["counts"]["host_syncs"], big["transformers"]["counts"]["host_syncs"]
+    assert syncs[1].startswith(f"{counts[0]} / {counts[1]}; - / -;")
     assert rows["GPU busy (union of kernel intervals / wall of one profiled step), ours / transformers"][1] == "- / -"
     assert rows["first-step loss, ours against transformers (512-token rows), relative difference"][2] == "yes"
     assert "checks: skipped (GPU only)" in summary

@@ -5,9 +5,9 @@
 # issue's goal table last (also DIR/summary.txt).
 #
 #   tools/bench/gpu_session.sh DIR                  on the GPU machine
-#   tools/bench/gpu_session.sh DIR --cpu-smoke      the same stages at a tiny size on the CPU (tests/tools/test_bench.py)
+#   tools/bench/gpu_session.sh DIR --cpu-smoke      the same stages, tiny, on the CPU (tests/tools/test_bench.py)
 #   tools/bench/gpu_session.sh --fetch-wheels       here, with a network: the pinned megatron-core and transformers
-#                                                   wheels (pyproject.toml) into .whl/ (git-ignored), for the GPU machine
+#                                                   wheels (pyproject.toml) into .whl/ (git-ignored) for the GPU machine
 #
 # Through the device tool (its machine has torch but neither megatron-core nor this transformers, and no network):
 #   1. here:  tools/bench/gpu_session.sh --fetch-wheels

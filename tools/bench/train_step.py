@@ -481,13 +481,46 @@ def main(argv=None) -> int:
     flops = flops_of(args, rows)
     experts_impl = a.hf_experts or ("grouped_mm" if device.type == "cuda" else "default")
     hf_model = build_hf_model(cfg, device, dtype, experts_impl)
+    peak = metrics.PEAK_TFLOPS.get("H100", 989.0) * 1e12
+    env = environment(device)
+    limit = a.max_loss_diff if a.max_loss_diff is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+
+    def rates(step_s: float) -> dict:
+        return {"tokens_per_s": flops["tokens"] / step_s, "tflops": flops["total"] / step_s / 1e12,
+                "mfu": flops["total"] / step_s / peak}
+
+    def busy(r: dict) -> dict:
+        return {"gpu_busy": (r.get("profiled") or {}).get("gpu_busy")}
+
+    def assemble(ours: dict, theirs: dict | None) -> dict:
+        report = {"environment": env, "config": vars(a), "layers": args.text.num_hidden_layers, "flops": flops,
+                  "ours": {**ours, **rates(ours["step_s"]), **busy(ours)}}
+        per_mb = {k: flops[k] / a.microbatches for k in ("decoder", "lm_head", "vision")}
+        for key in ("parts", "parts_no_ddp"):
+            if f"{key}_s" in ours:
+                report["ours"][f"{key}_tflops"] = {k: per_mb[k] / t / 1e12 for k, t in ours[f"{key}_s"].items()}
+        if theirs and "error" not in theirs:
+            report["transformers"] = {**theirs, **rates(theirs["step_s"]), **busy(theirs),
+                                      "experts_implementation": experts_impl}
+            report["speedup"] = theirs["step_s"] / ours["step_s"]  # = ours' tokens/s over transformers' (same tokens)
+            report["first_loss_rel_diff"] = abs(ours["first_loss"] - theirs["first_loss"]) / abs(theirs["first_loss"])
+            report["first_loss_limit"] = limit
+        elif theirs:
+            report["transformers"] = {**theirs, "experts_implementation": experts_impl}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return report
+
     ours = bench_ours(hf_model, cfg, rows, device, dtype, steps=a.steps, warmup=max(a.warmup, 1),
                       parts=not a.no_parts, profile_dir=a.profile, sync_count=not a.no_sync_count,
                       check=a.check_parts)
-    gc.collect()
-    reset_peak(device)
     theirs = None
     if not a.no_hf:
+        # ours' figures on disk before transformers runs: a run stopped by a time limit keeps them
+        assemble(ours, {"error": "not measured (the run stopped before transformers' step was timed)"})
+        gc.collect()
+        reset_peak(device)
         try:
             theirs = bench_transformers(hf_model, rows, device, steps=a.steps, warmup=a.warmup,
                                         profile_dir=a.profile, sync_count=not a.no_sync_count)
@@ -497,36 +530,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     synchronize(device)
     destroy_distributed()
-
-    peak = metrics.PEAK_TFLOPS.get("H100", 989.0) * 1e12
-    env = environment(device)
-
-    def rates(step_s: float) -> dict:
-        return {"tokens_per_s": flops["tokens"] / step_s, "tflops": flops["total"] / step_s / 1e12,
-                "mfu": flops["total"] / step_s / peak}
-
-    def busy(r: dict) -> dict:
-        return {"gpu_busy": (r.get("profiled") or {}).get("gpu_busy")}
-
-    report = {"environment": env, "config": vars(a), "layers": args.text.num_hidden_layers, "flops": flops,
-              "ours": {**ours, **rates(ours["step_s"]), **busy(ours)}}
-    per_mb = {k: flops[k] / a.microbatches for k in ("decoder", "lm_head", "vision")}
-    for key in ("parts", "parts_no_ddp"):
-        if f"{key}_s" in ours:
-            report["ours"][f"{key}_tflops"] = {k: per_mb[k] / t / 1e12 for k, t in ours[f"{key}_s"].items()}
+    report = assemble(ours, theirs)
     ok = theirs is None or "error" not in theirs
-    limit = a.max_loss_diff if a.max_loss_diff is not None else (1e-4 if dtype == torch.float32 else 2e-2)
-    if theirs and ok:
-        report["transformers"] = {**theirs, **rates(theirs["step_s"]), **busy(theirs),
-                                  "experts_implementation": experts_impl}
-        report["speedup"] = theirs["step_s"] / ours["step_s"]  # = ours' tokens/s over transformers' (same tokens)
-        report["first_loss_rel_diff"] = abs(ours["first_loss"] - theirs["first_loss"]) / abs(theirs["first_loss"])
-        report["first_loss_limit"] = limit
-    elif theirs:
-        report["transformers"] = {**theirs, "experts_implementation": experts_impl}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
     print_report(report, a, args, dtype, peak)
     errors = [f"{side} {key}: {r[key]['error'] if isinstance(r[key], dict) else r[key]}"
               for side, r in (("ours", ours), ("transformers", theirs)) if r

@@ -11,6 +11,8 @@
 #   trainer  the trainer itself on this GPU (launch/local.sh, bf16, debug model): 6 steps straight, and 3 + resume
 #            to 6; prints both runs' losses and their largest difference
 # PYTHON picks the interpreter (default: the checkout's .venv, else python3); STAGE_TIMEOUT limits each stage (s).
+# Issue 20's measurements (goal table, parts with and without DDP accumulation, GPU busy, host syncs) in one run of
+# about 8 minutes, with how to run it through the device tool: tools/bench/gpu_session.sh.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
 out=${1:?usage: tools/bench/run_all.sh DIR [checks] [parity] [experts] [step] [trainer]}

@@ -109,8 +109,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         low = weight.dtype != torch.float32
         # the losses of ignored tokens are constants (0): no gradient flows through them
-        g = torch.where(ignore, 0.0, grad_loss.float() if grad_loss.dtype != torch.float32 else grad_loss)
-        g = g.unsqueeze(1)
+        g = grad_loss.masked_fill(ignore, 0.0).unsqueeze(1)  # fp32, as the losses
         neg_g = g.neg()
         cols = max(1, ctx.chunk_tokens * vocab // max(n, 1))  # the forward chunk's element count, over all tokens
         slices = [(v0, min(v0 + cols, vocab)) for v0 in range(0, vocab, cols)]

@@ -3,6 +3,7 @@ and batch.
 
     python tools/bench/train_step.py [--flavor qwen3_vl_30b_a3b] [--layers 4] [--seq-length 4096]
         [--samples-per-row 4] [--image-side 32] [--microbatches 2] [--steps 4] [--warmup 2] [--json out.json]
+        [--profile DIR] [--check-parts] [--no-parts] [--no-sync-count] [--no-hf]
 
 The model is the released config with `--layers` LLM layers (real widths, all experts, top-k as released) and the
 full vision tower; the DeepStack taps are kept while there are layers for them. Each micro-batch is one packed row
@@ -28,12 +29,14 @@ Measured, besides the step time (median of `--steps`):
   host overhead): `kernel_ms` sums the device events (kernels, memcpy, memset; not the op rows, which repeat their
   kernels' time, nor annotations), `busy_ms` is the union of their intervals, `gpu_busy` = busy_ms / wall time of
   that profiled step; then with CPU and device activity for the op table written to DIR (by self device time).
+A failed extra measurement is reported in the JSON (`error`) and printed, and makes the exit status 1; the others
+are kept.
 
 Printed: tokens/s, model TFLOP/s and MFU (Megatron-LM's formula, training.metrics; LM head and vision apart), peak
 memory, the first-step loss of both (same weights and data: they must agree), the speed ratio (ours' tokens/s over
 transformers'), the parts with and without DDP accumulation, syncs and GPU-busy fraction. The table is the last
-thing printed. A transformers step that runs out of GPU memory is reported as such (`transformers.error`), ours'
-figures kept.
+thing printed. `--json` gets ours' figures before transformers runs (a run stopped by a time limit keeps them), and
+a transformers step that runs out of GPU memory is reported there as such (`transformers.error`).
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ probabilities with `masked_select` (data-dependent sizes); both scatter-add in t
 permute backward (atomics on the GPU, in the activations' dtype). Here, for T tokens routed to k experts each:
 
 - every (token, slot) pair gets a key, its expert, or E (one past the last expert) for a slot that routes nowhere
-  (padding, whose routing-map row is empty); one stable sort of the T*k keys orders the pairs by expert and, within
-  an expert, by token, which is megatron's permutation order (`moe_utils.permute`), with the unrouted pairs last;
+  (padding, whose routing-map row is empty): the k smallest of where(routing map, expert id, E) per token; one
+  stable sort of the T*k keys orders the pairs by expert and, within an expert, by token, which is megatron's
+  permutation order (`moe_utils.permute`), with the unrouted pairs last;
 - the permuted tokens are one gather of T*k rows; their backward is the transpose, a gather + sum over the k slots;
-- the per-expert counts are `routing_map.sum(0)` (fixed size E, on the device) and reach the grouped GEMM as
+- the per-expert counts are `routing_map.sum(0)` (int32, fixed size E, on the device) and reach the grouped GEMM as
   device offsets (`layers.ExpertGroups`); the experts run the unrouted rows, which have probability 0, with the
   last expert (`layers.expert_matmul`), so their outputs and gradients are exact zeros: padding is computed (T*k
   rows whatever the padding) but contributes nothing, and the counts, like megatron's allgather dispatcher's,
@@ -48,11 +49,11 @@ class RoutePlan:
     """Where the T*k (token, slot) pairs of one MoE layer forward go; every tensor lives on the routing map's device.
 
     experts [T, k]: each token's experts, ascending (slots of a token routed to fewer than k experts hold
-        unrouted experts, whose probability is 0);
+        distinct unrouted experts, whose probability is 0);
     order [T*k]: the pairs (flat index token*k + slot) in expert order, unrouted pairs last;
     source [T*k]: the token of each permuted row (order // k);
     slots [T*k]: the inverse of `order`: where pair token*k + slot sits among the permuted rows;
-    counts [E]: routed pairs per expert (int64).
+    counts [E]: routed pairs per expert (int32, the grouped GEMM's offset type).
     """
 
     experts: torch.Tensor
@@ -63,20 +64,25 @@ class RoutePlan:
     topk: int
 
 
-def plan_routes(routing_map: torch.Tensor, topk: int) -> RoutePlan:
+def plan_routes(routing_map: torch.Tensor, topk: int, constants: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> RoutePlan:
     """The permutation of a [T, E] boolean routing map with at most `topk` experts per token (exactly `topk` for a
-    routed token, none for padding), from fixed-size device ops only."""
-    tokens, num_experts = routing_map.shape
-    # A stable descending sort of each row puts its routed experts first, in ascending order; the flags say which
-    # of the first k entries are routed (the bytes of a bool tensor are 0 or 1: viewed, not converted).
-    flags, experts = torch.sort(routing_map.view(torch.uint8), dim=1, descending=True, stable=True)
-    flags, experts = flags[:, :topk], experts[:, :topk]
-    keys = torch.where(flags.view(torch.bool), experts, num_experts)
-    order = torch.argsort(keys.reshape(-1), stable=True)
+    routed token, none for padding), from fixed-size device ops only. `constants`: (arange(E), E) on the map's
+    device (`expert_constants`; the dispatcher keeps them)."""
+    expert_ids, sink = constants or expert_constants(routing_map.shape[1], routing_map.device)
+    # per token, the k smallest of (its expert ids where routed, E elsewhere): its routed experts ascending, then E
+    keys, experts = torch.topk(torch.where(routing_map, expert_ids, sink), topk, dim=1, largest=False)
+    order = torch.argsort(keys.view(-1), stable=True)
     source = torch.div(order, topk, rounding_mode="floor")
     slots = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return RoutePlan(experts=experts, order=order, source=source, slots=slots, counts=routing_map.sum(0),
-                     topk=topk)
+    return RoutePlan(experts=experts, order=order, source=source, slots=slots,
+                     counts=routing_map.sum(0, dtype=torch.int32), topk=topk)
+
+
+def expert_constants(num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """arange(E) and the sink key E (0-dim) on `device`, int64."""
+    return (torch.arange(num_experts, device=device),
+            torch.tensor(num_experts, dtype=torch.long, device=device))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -152,10 +158,15 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         self.topk = config.moe_router_topk
         self.plan: RoutePlan | None = None
         self.hidden_shape = None
+        self._constants: tuple[torch.Tensor, torch.Tensor] | None = None  # expert_constants on the tokens' device
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self.hidden_shape = hidden_states.shape
-        self.plan = plan_routes(routing_map.reshape(-1, routing_map.shape[-1]), self.topk)
+        if routing_map.dim() != 2:  # the router's is [tokens, E] already
+            routing_map = routing_map.reshape(-1, routing_map.shape[-1])
+        if self._constants is None or self._constants[0].device != routing_map.device:
+            self._constants = expert_constants(routing_map.shape[-1], routing_map.device)
+        self.plan = plan_routes(routing_map, self.topk, self._constants)
         return hidden_states.view(-1, self.hidden_shape[-1]), probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -165,8 +176,9 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         """-> tokens sorted by expert [T*k, h], routed pairs per expert [E] (device), their probabilities [T*k]."""
         plan = self.plan
         permuted = _GatherRows.apply(hidden_states, plan.source, plan.slots, plan.topk)
-        permuted_probs = _PermuteProbs.apply(probs.reshape(-1, probs.shape[-1]), plan.experts, plan.order,
-                                             plan.slots)
+        if probs.dim() != 2:
+            probs = probs.reshape(-1, probs.shape[-1])
+        permuted_probs = _PermuteProbs.apply(probs, plan.experts, plan.order, plan.slots)
         return permuted, plan.counts, permuted_probs
 
     def combine_preprocess(self, hidden_states: torch.Tensor):

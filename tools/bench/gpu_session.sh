@@ -54,6 +54,7 @@ case ${2:-} in
 esac
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+rm -f "$out"/{summary.txt,env.txt,step.json,step8k.json,checks.json,logs.tar.gz}  # no stale results in the summary
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -86,6 +87,12 @@ if ! missing=$(check_pins); then
         echo "warning: $missing; no wheels in .whl/ (run tools/bench/gpu_session.sh --fetch-wheels here and carry" \
             ".whl to the GPU machine)"
     fi
+fi
+if ! "$PYTHON" -c 'import torch, transformers, megatron.core, qwenvl_mcore.training.step' >"$out/env.txt" 2>&1; then
+    tail -n 5 "$out/env.txt"
+    echo "error: $PYTHON cannot import torch, transformers, megatron-core and this checkout (above); on the GPU" \
+        "machine carry .whl (tools/bench/gpu_session.sh --fetch-wheels here)" | tee -a "$out/env.txt"
+    exit 2
 fi
 {
     date -u

@@ -40,14 +40,17 @@ def _checks(rank: int, world: int) -> dict:
     args = args_from_hf_config(flavor_hf_config("debug"))
     k, num_experts = args.text.num_experts_per_tok, args.text.num_experts
 
-    def build(local: bool):
-        config = language_transformer_config(args, ParallelLayout(), moe_local_dispatcher=local)
+    def build(local: bool, **overrides):
+        config = language_transformer_config(args, ParallelLayout(), moe_local_dispatcher=local, **overrides)
         layer = Qwen3VLMoELayer(config, submodules=MoESubmodules(experts=GroupedExperts, router=Qwen3VLRouter),
                                 layer_number=1)
         layer.set_layer_number(1)  # what TransformerLayer does; the router records under it
         return layer.train()
 
     local, megatron = build(True), build(False)
+    # megatron's MoE recompute (the layer's forward again in its backward): the dispatcher's state is per forward
+    recomputed = build(True, recompute_granularity="selective", recompute_modules=["moe"])
+    assert recomputed.moe_layer_recompute
     out: dict = {"local_type": type(local.token_dispatcher).__name__,
                  "megatron_type": type(megatron.token_dispatcher).__name__,
                  "local_padding_routed": local.router.padding_routed,
@@ -58,6 +61,7 @@ def _checks(rank: int, world: int) -> dict:
     with torch.no_grad():  # router weights large enough for clear top-k choices
         local.router.weight.normal_(0.0, 1.0)
     megatron.load_state_dict(local.state_dict())
+    recomputed.load_state_dict(local.state_dict())
 
     class OpLog(TorchDispatchMode):
         def __init__(self):
@@ -140,6 +144,10 @@ def _checks(rank: int, world: int) -> dict:
                     "finite": bool(torch.isfinite(got).all()) and all(bool(torch.isfinite(v).all())
                                                                        for v in got_grads.values()),
                 }
+        got, got_grads, _, _, _ = run(recomputed, hidden, pad, grad_out, aux=True, grouped=True)
+        want, want_grads, _, _, _ = run(local, hidden, pad, grad_out, aux=True, grouped=True)
+        res["recompute_equal"] = torch.equal(got, want) and all(torch.equal(got_grads[p], want_grads[p])
+                                                                 for p in want_grads)
         # the GPU's path: grouped GEMM, device counts; watch every op and host read of forward + backward
         _, _, _, ops, reads = run(local, hidden, pad, grad_out, aux=True, grouped=True, watch=True)
         res["suspect_ops"] = sorted({op for op in ops if any(s in op for s in _SUSPECT_OPS)})
@@ -208,3 +216,8 @@ def test_plan_routes_orders_pairs_like_megatron():
     # megatron's permutation of the routed pairs: argsort of the [E, T] map, routed first
     flat = routing_map.T.reshape(-1).argsort(descending=True, stable=True)[:8]
     assert plan.source[:8].tolist() == (flat % 5).tolist()
+
+
+def test_moe_recompute_gives_the_same_outputs_and_gradients(results):
+    """With megatron's MoE recompute the layer's forward runs again in its backward: bit-identical results."""
+    assert all(results[case]["recompute_equal"] for case in CASES)

@@ -1,6 +1,8 @@
 """The Qwen3-VL vision tower on megatron-core: Conv3d patch embedding, learned positions resampled to each grid,
 ViT blocks as a megatron `TransformerBlock` (local spec, TP over heads / MLP), a 2x2 patch merger and the DeepStack
-mergers. Numerically it follows transformers' `Qwen3VLMoeVisionModel` (5.x).
+mergers. Numerically it follows transformers' `Qwen3VLMoeVisionModel` (5.x). At TP=1 the blocks and mergers run
+on plain torch ops over the same parameters (vision_blocks.py, `VisionModel.block_impl`); the grid tables are built
+on the host and copied without waiting.
 
 Patch order: `pixel_values` rows come from the processor grouped by spatial-merge blocks (per image, per frame: the
 `merge x merge` blocks in row-major order, the patches of a block row-major), so four consecutive patches form one

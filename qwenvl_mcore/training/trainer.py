@@ -364,7 +364,7 @@ def build_run(cfg: DictConfig, start: RunStart) -> Run:
     settings = optim_settings_of(cfg)
     lr_overrides = [(lambda n, part=part: parameter_part(n) == part, lr)
                     for part, lr in (("vision", cfg.optim.vision_lr), ("merger", cfg.optim.merger_lr)) if lr is not None]
-    chunks = wrap_ddp(chunks, distributed_optimizer=settings.distributed_optimizer)
+    chunks = wrap_ddp(chunks, distributed_optimizer=settings.distributed_optimizer, grad_dtype=settings.grad_dtype)
     optimizer, scheduler = build_optimizer(chunks, settings, steps=cfg.trainer.steps, lr_overrides=lr_overrides)
     run = Run(cfg, layout, args, chunks, optimizer, scheduler, hf_dir, processor,
               processor.tokenizer.pad_token_id, TrainState(), lora_base=start.lora_base)

@@ -18,10 +18,11 @@ Counted per step (one step under the counting modes, after a warm-up step):
   (host work and arithmetic together; the widths are tiny so the arithmetic is small), with one intra-op thread
   and megatron's CPU-compatibility mode active (it intercepts every torch call; never active on a GPU). The table
   (and `--json`) also gives the process CPU time of the step, steadier when other jobs share the cores.
-Calls and syncs are also split by phase: "optimizer" (ours: the optimizer's prepare_grads, get_grad_norm and step;
+Calls and syncs are also split by phase: "optimizer" (ours: training/optimizer_step.py's prepare and step, or
+megatron's prepare_grads, get_grad_norm and step where it falls back;
 transformers: clip_grad_norm_ and AdamW.step) and "forward+backward" (the rest, DDP's gradient hooks and finalize
-included). On the CPU ours uses megatron's allgather token dispatcher (the alltoall one needs CUDA streams): its
-syncs are counted, not the alltoall's. Printed: the phases, the syncs by op and by call site, the top aten ops,
+included). At EP=1 ours uses the project's own token dispatcher (models/qwen3_vl_moe/dispatch.py), the GPU's
+path too. Printed: the phases, the syncs by op and by call site, the top aten ops,
 the table; the last line is the JSON object {"ours": {"aten_calls", "host_syncs", "host_ms"},
 "transformers": {...}} (`--json` writes all the details).
 """
@@ -512,7 +513,13 @@ def whole_step(a) -> dict:
             group["foreach"], group["fused"] = False, True
     for c in chunks:
         c.train()
-    for method in ("prepare_grads", "get_grad_norm", "step"):  # train_step calls these on the instance
+    # train_step's optimizer phase: optimizer_step.prepare (gradients and their norm) and optimizer_step.step (the
+    # lean step), or megatron's own methods on the instance where it falls back (fallback_reason)
+    from qwenvl_mcore.training import optimizer_step
+
+    for method in ("prepare", "step"):
+        setattr(optimizer_step, method, in_phase("optimizer", getattr(optimizer_step, method)))
+    for method in ("prepare_grads", "get_grad_norm", "step"):
         setattr(optimizer, method, in_phase("optimizer", getattr(optimizer, method)))
     micro = [ours for ours, _ in rows]
     # what the trainer keeps on the host (train_step.py moves only the pixels to the device; the model computes

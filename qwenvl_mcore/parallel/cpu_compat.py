@@ -109,20 +109,40 @@ def _to_cpu_device(device):
     return device
 
 
+def _cuda_type_name(func, args, kwargs):
+    if len(args) != 1 or kwargs:
+        return func(*args, **kwargs)
+    name = func(*args)
+    return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+
+def _to_on_cpu(func, args, kwargs):
+    if len(args) > 1:
+        args = (args[0], _to_cpu_device(args[1]), *args[2:])
+    return func(*args, **kwargs)
+
+
+# the methods the mode rewrites beyond a `device=` keyword (a dict lookup: the mode sees every torch call)
+_SPECIAL = {
+    torch.Tensor.cuda: lambda func, args, kwargs: args[0],
+    torch.Tensor.type: _cuda_type_name,
+    torch.Tensor.to: _to_on_cpu,
+}
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Maps tensor creation on a CUDA device (and `.cuda()`) to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = _to_cpu_device(kwargs["device"])
-        if func in (torch.Tensor.cuda,):
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
-        if func is torch.Tensor.to and args and len(args) > 1:
-            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        if kwargs:
+            if "device" in kwargs:
+                kwargs = dict(kwargs)
+                kwargs["device"] = _to_cpu_device(kwargs["device"])
+        else:
+            kwargs = {}
+        special = _SPECIAL.get(func)
+        if special is not None:
+            return special(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -164,6 +184,15 @@ def apply() -> bool:
     _DEVICE_MODE.__enter__()
     _APPLIED = True
     return True
+
+
+def device_mode_innermost() -> bool:
+    """Whether fix 2's TorchFunctionMode is active and no other mode sits above it (so it can be suspended)."""
+    if _DEVICE_MODE is None:
+        return False
+    from torch.overrides import _get_current_function_mode
+
+    return _get_current_function_mode() is _DEVICE_MODE
 
 
 @contextlib.contextmanager

@@ -86,6 +86,14 @@ def pipeline_stats_group():
     return _PIPELINE_STATS_GROUP
 
 
+def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`dist.all_reduce` in place, skipped when `group` has one rank (then it is the identity; on a GPU it would
+    still cost a launch and, on the CPU, a gloo round trip). Every rank of a group decides alike."""
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def _new_gloo_group_like(group):
     """A gloo process group with the ranks of `group`; every rank creates every such group, in the same order."""
     mine = dist.get_process_group_ranks(group)

@@ -75,6 +75,7 @@ def compare_steps(layout_kwargs: dict, *, steps: int = 3, clip_grad: float = 1.0
                 {"copies": len(p.copy_to), "cast": p.cast, "mains": len(p.mains), "stub": p.inner is None}
                 for p in lean.parts],
             "gathers": None if lean is None else len(lean.gather_from),
+            "needs_zero_grad": None if lean is None else lean.needs_zero_grad,
         }
     ours, ref = runs["lean"], runs["megatron"]
     worst, worst_name = parity.worst_relative(ours["state"], ref["state"])
@@ -89,7 +90,7 @@ def compare_steps(layout_kwargs: dict, *, steps: int = 3, clip_grad: float = 1.0
         "skipped": [r.skipped for r in ours["results"]], "ref_skipped": [r.skipped for r in ref["results"]],
         "skip_left_state": ours["skip_left_state"], "ref_skip_left_state": ref["skip_left_state"],
         "fallback": ours["fallback"], "ref_fallback": ref["fallback"], "parts": ours["parts"],
-        "gathers": ours["gathers"],
+        "gathers": ours["gathers"], "needs_zero_grad": ours["needs_zero_grad"],
         "base_changed": ours["base_changed"], "n_trainable": sum(1 for _ in _trainable(ours)),
     }
 

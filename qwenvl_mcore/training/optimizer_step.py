@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from qwenvl_mcore.parallel.distributed import all_reduce
+
 _CACHE_ATTR = "_qwenvl_lean_step"
 
 
@@ -75,6 +77,11 @@ class LeanStep:
         # ChainedOptimizer.get_grad_norm: one norm over all sub-optimizers when they share the grad-stats group
         self.shared = len(parts) == 1 or (self.chained and optimizer.grads_states_parallel_group_is_shared())
         self._current: list[list[torch.Tensor]] = []  # this step's gradients per part (after any cast)
+        # Whether a main parameter is one autograd accumulates into, a leaf that requires grad (megatron's
+        # fp32/float16 optimizers step the model's own parameters): then the attached gradients must be cleared
+        # before the next backward, or autograd would add into DDP's buffer through them. The distributed
+        # optimizer's mains are views of the parameters (fp32) or detached fp32 copies, never such leaves.
+        self.needs_zero_grad = any(m.is_leaf and m.requires_grad for p in parts for m in p.mains)
 
     def _stale(self) -> bool:
         return any(p.inner is not None and _signature(p.inner) != p.signature for p in self.parts)
@@ -158,7 +165,7 @@ def _reduced_square(grads: list[torch.Tensor], group, device) -> torch.Tensor:
         local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).reshape(1) ** 2.0
     else:
         local = torch.zeros(1, dtype=torch.float, device=device)
-    dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(local, group)
     return local
 
 

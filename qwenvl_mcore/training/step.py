@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from qwenvl_mcore.models.qwen3_vl_moe.model import IGNORE_INDEX, MultimodalInputs
+from qwenvl_mcore.parallel.distributed import all_reduce
 from qwenvl_mcore.training import optimizer_step
 from qwenvl_mcore.training.schedule import loss_for_per_token, run_microbatches, unwrap
 
@@ -54,7 +55,7 @@ def global_counts(microbatches: Sequence[MultimodalInputs]) -> tuple[int, int]:
     n = torch.tensor([sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in microbatches),
                       sum(int(mb.attention_mask is None or bool(mb.attention_mask.any())) for mb in microbatches)],
                      dtype=torch.float64)
-    dist.all_reduce(n, group=parallel_state.get_data_parallel_group())
+    all_reduce(n, parallel_state.get_data_parallel_group())
     return int(n[0]), int(n[1])
 
 
@@ -70,9 +71,11 @@ def train_step(chunks: list, optimizer, microbatches: Sequence[MultimodalInputs]
         c.zero_grad_buffer()
         # the aux loss enters as the mean over micro-batches; the per-token loss normalisation divides by tokens
         unwrap(c).aux_loss_scale = tokens / max(filled, 1)
-    # also for the lean step, which attaches the gradients again after the backward passes: a non-distributed
-    # optimizer's parameters are the model's, whose `.grad` autograd would otherwise accumulate into
-    optimizer.zero_grad()
+    # Also for the lean step when its main parameters are the model's (non-distributed optimizers): autograd would
+    # accumulate into the gradients it attached. The distributed optimizer's mains are views or copies, whose
+    # gradients the lean step re-attaches every step, and DDP's hooks leave the model's `.grad` unset.
+    if lean is None or lean.needs_zero_grad:
+        optimizer.zero_grad()
     reports = run_microbatches(chunks, microbatches, forward_only=False, loss_for=loss_for_per_token)
     loss = float(reduce_reports(reports)[0]) / max(tokens, 1)
     model = unwrap(chunks[0])
@@ -101,7 +104,7 @@ def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torc
     to the whole pipeline (float64, the same on every rank)."""
     total = torch.tensor([sum(float(r[k]) for r in reports) for k in keys], dtype=torch.float64)
     if reports:  # last stage; each CP rank reports its slice of the rows
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        all_reduce(total, parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
@@ -121,7 +124,7 @@ def _mean_aux(routing) -> float | None:
     else:
         values = routing.aux_losses()
         total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    all_reduce(total, parallel_state.get_data_parallel_group())
     value_sum, count = total.tolist()
     return value_sum / count if count > 0 else None
 
@@ -136,11 +139,11 @@ def expert_load(chunks: list) -> list[float] | None:
     # counts stay on the device until the one read of the ratios
     counts = model.routing.layer_counts(model.args.text.num_hidden_layers, device=model.device)
     if model.config.sequence_parallel:
-        dist.all_reduce(counts, group=parallel_state.get_tensor_model_parallel_group())
+        all_reduce(counts, parallel_state.get_tensor_model_parallel_group())
     if parallel_state.get_context_parallel_world_size() > 1:
-        dist.all_reduce(counts, group=parallel_state.get_context_parallel_group())
-    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        all_reduce(counts, parallel_state.get_context_parallel_group())
+    all_reduce(counts, parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+        all_reduce(counts, parallel_state.get_pipeline_model_parallel_group())
     mean = counts.mean(dim=1).clamp_min(1e-12)
     return (counts.max(dim=1).values / mean).tolist()

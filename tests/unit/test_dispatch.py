@@ -2,7 +2,8 @@
 layer and weights, fp32 on the CPU: permuted tokens, probabilities and counts bit for bit, layer outputs and every
 gradient (input, router, experts, through the aux-loss gradient too) to 1e-6 relative; padding tokens (routed
 nowhere, output 0); experts without tokens; the grouped GEMM (the GPU's path) and the loop; and no host sync, no
-data-dependent size and no scatter-add / index-add (atomics on a GPU) anywhere in its forward and backward.
+data-dependent size and no scatter-add / index-add (atomics on a GPU) anywhere in its forward and backward. The
+router's own top-k (Qwen3VLRouter._plain_topk) against megatron's routing, bit for bit.
 """
 
 from __future__ import annotations
@@ -155,6 +156,31 @@ def _checks(rank: int, world: int) -> dict:
         _, _, _, ops, _ = run(megatron, hidden, pad, grad_out, aux=True, grouped=False, watch=True)
         res["megatron_suspect_ops"] = sorted({op for op in ops if any(s in op for s in _SUSPECT_OPS)})
         out[name] = res
+
+    # the router's own top-k (Qwen3VLRouter._plain_topk, what both layers above ran) against megatron's routing:
+    # probabilities, routing map and gradients (through the aux-loss gradient too) bit for bit
+    out["plain_topk_reason"] = local.router.plain_topk_reason()
+    router = local.router
+    for name, (tokens, padding, seed) in CASES.items():
+        g = torch.Generator().manual_seed(seed + 100)
+        hidden = torch.randn(tokens, 1, args.text.hidden_size, generator=g)
+        pad = torch.zeros(1, tokens, dtype=torch.bool)
+        pad[0, tokens - padding:] = True
+        grad_probs = torch.randn(tokens, num_experts, generator=g)
+        got = {}
+        for plain in (True, False):
+            router._plain = plain
+            router.zero_grad(set_to_none=True)
+            x = hidden.clone().requires_grad_(True)
+            record = MicroBatchRouting(num_experts, coeff_scale=0.5)
+            router.routing_record = record
+            probs, routing_map = router(x, padding_mask=pad)
+            record.publish([1])
+            probs.backward(grad_probs)
+            router.routing_record = None
+            got[plain] = (probs.detach(), routing_map, x.grad, router.weight.grad)
+        router._plain = None
+        out[f"router_{name}"] = [torch.equal(a, b) for a, b in zip(got[True], got[False])]
     return out
 
 
@@ -200,6 +226,14 @@ def test_no_host_sync_no_atomics_in_forward_and_backward(results):
         assert results[case]["host_reads"] == [], (case, results[case]["host_reads"])
         assert results[case]["suspect_ops"] == [], (case, results[case]["suspect_ops"])
     assert any(results[case]["megatron_suspect_ops"] for case in CASES)
+
+
+def test_plain_router_equals_megatron_routing(results):
+    """Qwen3VLRouter's own top-k routing applies to Qwen3-VL's settings and gives megatron's probabilities, routing
+    map and gradients bit for bit, with and without padding."""
+    assert results["plain_topk_reason"] is None
+    for name in CASES:
+        assert results[f"router_{name}"] == [True] * 4, name
 
 
 def test_plan_routes_orders_pairs_like_megatron():

@@ -86,6 +86,10 @@ def test_lean_step_is_megatrons_bit_for_bit(name):
     assert r["norms"] == r["ref_norms"] and all(n is not None and n > 0 for n in r["norms"])
     assert r["losses"] == r["ref_losses"] and r["losses"][-1] < r["losses"][0]
     assert not any(r["skipped"] + r["ref_skipped"])
+    # train_step clears the attached gradients only where autograd could add into them: the non-distributed
+    # optimizer steps the model's own parameters; the distributed one's detached shards (the steps above agree
+    # with megatron's, which clears them every step, bit for bit)
+    assert r["needs_zero_grad"] == (name == "fp32_optimizer")
 
 
 def test_what_the_lean_step_does_per_dtype():

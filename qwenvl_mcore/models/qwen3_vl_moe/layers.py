@@ -70,12 +70,62 @@ class Qwen3VLRouter(TopKRouter):
         # whether padding keeps its k experts in the routing map (megatron's alltoall dispatcher); the MoE layer
         # sets it once it has chosen its dispatcher
         self.padding_routed = self.config.moe_token_dispatcher_type == "alltoall"
+        self._plain: bool | None = None  # whether `_plain_topk` stands for megatron's routing (plain_topk_reason)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         return router_gating_linear(input, self.weight, self.bias, torch.float32)
 
+    def plain_topk_reason(self) -> str | None:
+        """Why this router runs megatron's own routing rather than `_plain_topk` (None: it runs `_plain_topk`).
+
+        `_plain_topk` is megatron's routing for exactly Qwen3-VL's settings: softmax over the top-k logits, no
+        jitter, z-loss, expert bias, grouping, scaling, token dropping, replay or megatron aux loss (this router
+        records its own). It runs the same ops, so its output is bit-identical (tests/unit/test_dispatch.py), without
+        megatron's per-call checks and its compiled expert-bias hook, whose entry costs host time every layer even
+        with no expert bias."""
+        c = self.config
+        checks = (
+            (self.score_function == "softmax", f"score function {self.score_function!r}"),
+            (not c.moe_router_pre_softmax, "moe_router_pre_softmax"),
+            (self.routing_type not in ("sinkhorn", "quantile_balancing"), f"routing type {self.routing_type!r}"),
+            (not self.is_aux_loss_enabled(), "megatron's aux loss"),
+            (c.moe_z_loss_coeff is None, "moe_z_loss_coeff"),
+            (c.moe_input_jitter_eps is None, "moe_input_jitter_eps"),
+            (not self.enable_expert_bias, "expert bias"),
+            (not c.moe_router_group_topk, "group-limited top-k"),
+            (not c.moe_router_topk_scaling_factor, "moe_router_topk_scaling_factor"),
+            (not c.moe_router_fusion, "moe_router_fusion"),
+            (c.moe_expert_capacity_factor is None, "token dropping"),
+            (not c.moe_router_force_load_balancing and c.moe_router_force_biased is None, "forced routing"),
+            (getattr(self, "router_replay", None) is None, "router replay"),
+        )
+        for ok, name in checks:
+            if not ok:
+                return name
+        return None
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if self._plain is None:
+            self._plain = self.plain_topk_reason() is None
+        if not self._plain:
+            return super().forward(input, padding_mask=padding_mask)
+        return self.routing(self.gating(input), padding_mask=padding_mask)
+
+    def _plain_topk(self, logits: torch.Tensor):
+        """megatron's `topk_routing_with_score_function` for softmax after top-k (its non-deterministic branch):
+        probabilities [T, E] zero outside each token's top k, and the routing map [T, E]."""
+        logits = logits.view(-1, self.config.num_moe_experts)
+        scores, top = torch.topk(logits, k=self.topk, dim=1, sorted=torch.is_grad_enabled())
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).type_as(logits)
+        routing_probs = torch.zeros_like(logits).scatter(1, top, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top, True)
+        return routing_probs, routing_map
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+        if self._plain and not torch.are_deterministic_algorithms_enabled():
+            probs, routing_map = self._plain_topk(logits)
+        else:  # megatron's deterministic mode builds the same tensors with index_put_
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if padding_mask is not None:
             # Masking only touches padding rows, so real tokens' probabilities and choices are unchanged (and an
             # all-False mask changes nothing). Done after megatron's routing so its top-k path stays as it is.

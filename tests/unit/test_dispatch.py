@@ -18,14 +18,12 @@ from qwenvl_mcore.testing.dist import run_on_ranks
 CASES = {"plain": (40, 0, 1), "padding": (37, 9, 2), "few_tokens": (3, 0, 3), "few_tokens_padding": (4, 2, 4),
          "all_padding": (6, 6, 5)}
 
-# what a GPU would wait on or resolve with atomics
-_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+# what a GPU would resolve with atomics or a data-dependent size (host reads: testing.host_reads)
 _SUSPECT_OPS = ("nonzero", "masked_select", "_local_scalar_dense", "bincount", "unique", "index_add", "scatter_add",
                 "index_put", "masked_scatter", "equal", "is_nonzero", "repeat_interleave")
 
 
 def _checks(rank: int, world: int) -> dict:
-    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
@@ -36,6 +34,7 @@ def _checks(rank: int, world: int) -> dict:
     from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, Qwen3VLMoELayer, Qwen3VLRouter
     from qwenvl_mcore.models.qwen3_vl_moe.routing import MicroBatchRouting
     from qwenvl_mcore.parallel import ParallelLayout, init_distributed
+    from qwenvl_mcore.testing.host_reads import HostReads
 
     init_distributed(ParallelLayout(), seed=1, timeout_s=120)
     args = args_from_hf_config(flavor_hf_config("debug"))
@@ -71,17 +70,6 @@ def _checks(rank: int, world: int) -> dict:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.ops.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
-    class HostReads(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.reads: list[str] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in _SYNC_METHODS:
-                self.reads.append(name)
             return func(*args, **(kwargs or {}))
 
     def run(layer, hidden, pad, grad_out, *, aux: bool, grouped: bool | None, watch: bool = False):

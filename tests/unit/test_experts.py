@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl_mcore.models.qwen3_vl_moe.layers import GroupedExperts, expert_matmul, use_grouped_mm
+from qwenvl_mcore.testing.host_reads import HostReads
 
 
 def _counts(total: int, experts: int, g: torch.Generator, empty: tuple[int, ...] = ()) -> torch.Tensor:
@@ -95,19 +96,6 @@ def test_grouped_gemm_default_is_cuda_bf16_only():
     assert not use_grouped_mm(torch.zeros(2, 2))
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts reads of tensor values on the host (what would sync with a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__"):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("extra", [0, 5])
 def test_rows_past_the_counts_go_to_the_last_expert(extra):
     """ExpertGroups: rows after sum(counts) (the local dispatcher's padding) run with the last expert, the same in
@@ -151,10 +139,10 @@ def test_experts_read_device_counts_at_most_once(grouped, reads):
     counts = torch.tensor([3, 0, 5, 2])
     hidden = torch.randn(13, 16, requires_grad=True)
     probs = torch.cat([torch.rand(10), torch.zeros(3)])
-    mode = _HostReads()
+    mode = HostReads()
     with mode:
         out, _ = layer(hidden, counts, probs)
-    assert mode.reads == reads
+    assert len(mode.reads) == reads
     assert bool((out[10:] == 0).all())
     g1, g2, gx = torch.autograd.grad(out.square().sum(), (layer.weight1, layer.weight2, hidden))
     layer.grouped_gemm = False

@@ -6,17 +6,7 @@ from __future__ import annotations
 import torch
 
 from qwenvl_mcore.models.qwen3_vl_moe.routing import RoutingStats
-
-
-class _HostReads(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__"):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
+from qwenvl_mcore.testing.host_reads import HostReads
 
 
 def _stats(num_experts: int = 4) -> RoutingStats:
@@ -35,10 +25,10 @@ def _stats(num_experts: int = 4) -> RoutingStats:
 
 def test_aux_loss_total_equals_the_host_values_without_a_read():
     stats = _stats()
-    mode = _HostReads()
+    mode = HostReads()
     with mode:
         total = stats.aux_loss_total()
-    assert mode.reads == 0
+    assert len(mode.reads) == 0
     values = stats.aux_losses()
     assert len(values) == 2
     value_sum, count = total.tolist()
@@ -52,10 +42,10 @@ def test_aux_loss_total_of_no_microbatch_is_zero():
 
 def test_layer_counts_sum_the_microbatches_on_the_device():
     stats = _stats()
-    mode = _HostReads()
+    mode = HostReads()
     with mode:
         counts = stats.layer_counts(3, device=torch.device("cpu"))
-    assert mode.reads == 0
+    assert len(mode.reads) == 0
     assert counts.dtype == torch.float64 and counts.shape == (3, 4)
     for layer in (1, 2):
         want = sum(mb.layers[layer][0].double() for mb in stats.micro.values())

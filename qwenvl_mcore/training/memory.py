@@ -20,7 +20,10 @@ What is counted, and why (the code it follows):
   expert) and model chunk, each parameter starting at a multiple of 64 elements and the buffer padded to a multiple of
   lcm(group size, 128) (megatron.core.optimizer.param_layout); frozen parameters stay where they are, unpadded.
 - gradients: megatron DDP's grad buffers, same layout as the trainable parameters; `training/setup.py` builds DDP with
-  grad_reduce_in_fp32=True, so they are fp32 (4 bytes) for bf16 and fp32 parameters alike.
+  grad_reduce_in_fp32=True by default (`optim.grad_dtype=fp32`), so they are fp32 (4 bytes) for bf16 and fp32
+  parameters alike; with `optim.grad_dtype=bf16` they are bf16 (2 bytes), and the optimizer step casts this rank's
+  gradient shards into one fp32 buffer (4 bytes per sharded trainable element) for Adam, counted in
+  optimizer_step_temp.
 - optimizer: megatron's distributed optimizer over torch Adam/AdamW (no Apex/TE in this venv): exp_avg + exp_avg_sq in
   fp32 (8 bytes) plus an fp32 master copy (4 bytes) when parameters are bf16 (fp32 parameters are their own master:
   megatron's shard is a view); dense elements sharded over DP, expert elements over EDP. Frozen parameters have
@@ -32,11 +35,16 @@ What is counted, and why (the code it follows):
   With `model.vision_microbatches` = k != 1 the ViT encodes k micro-batches in one call and keeps their saved
   tensors, their features and the features' gradient buffer until that group's backward (`vision_alive_microbatches`,
   `vision_batch_feature_bytes`).
-- moe_dispatch: the alltoall dispatcher's send and receive buffers of one layer.
-- logits: the last stage's [s, V/tp] logits in B bytes and their fp32 copy that the cross entropy keeps.
+- moe_dispatch: the token dispatcher's buffers of one layer: the permuted tokens and the experts' outputs (megatron's
+  alltoall dispatcher sends and receives them; at EP = ETP = 1 the local dispatcher gathers and sums them, with
+  every one of the s_t * k rows on this rank whatever the load imbalance).
+- logits: the last stage's [s, V/tp] logits in B bytes and their fp32 copy that the cross entropy keeps; at TP=1
+  with `model.loss_chunk_tokens` > 0 (lm_loss.py) only one chunk's logits and fp32 log-softmax at a time, plus two
+  fp32 numbers per token and the fp32 hidden gradient of the backward.
 - optimizer_step_temp: torch's foreach Adam allocates one fp32 temporary as large as the biggest parameter group
-  it updates (sqrt(exp_avg_sq)); Apex/Transformer-Engine's fused Adam does not. Counted only with adam="torch";
-  it is alive at the optimizer step, when activations are gone, so the peak is static + max(activations, step temp).
+  it updates (sqrt(exp_avg_sq)); Apex/Transformer-Engine's fused Adam does not (counted only with adam="torch");
+  with bf16 gradient buffers, the fp32 copy of the gradient shards the step casts (counted with either Adam). It is
+  alive at the optimizer step, when activations are gone, so the peak is static + max(activations, step temp).
 - context parallelism (cp > 1): every per-token activation, the dispatch buffers and the logits are this CP rank's
   slice of the row (s/cp tokens); the attention keeps the K/V blocks it gathers from the whole row and the blocks'
   causal mask biases (`cp_attention_bytes`); the ViT encodes a 1/cp share of the frames and all-gathers the features
@@ -186,8 +194,10 @@ def padded_numel(numels: Iterable[int], group_size: int) -> int:
 
 
 def model_state_bytes(chunks: Sequence[Sequence[ParamTensor]], *, param_bytes: int, frozen: Iterable[str] = (),
-                      dp: int, edp: int, distributed_optimizer: bool = True, lora: bool = False) -> dict[str, int]:
-    """weights, gradients, optimizer and optimizer_step_temp (torch foreach Adam) bytes of one rank.
+                      dp: int, edp: int, distributed_optimizer: bool = True, lora: bool = False,
+                      grad_bytes: int = 4) -> dict[str, int]:
+    """weights, gradients, optimizer, optimizer_step_temp (torch foreach Adam) and grad_cast_temp bytes of one
+    rank.
 
     Trainable: the parameters outside the `frozen` parts; with `lora` the adapters only (the base is frozen whole
     and stays in its dtype, outside DDP's buffers, with no gradient and no optimizer state; the adapters have the
@@ -195,7 +205,8 @@ def model_state_bytes(chunks: Sequence[Sequence[ParamTensor]], *, param_bytes: i
 
     Per chunk, trainable parameters go to DDP buffers per kind (dense over DP, expert over EDP):
       weights    = padded(trainable) * param_bytes + frozen * param_bytes   (padded only with the distributed optimizer)
-      gradients  = padded(trainable) * 4                                    (grad_reduce_in_fp32=True)
+      gradients  = padded(trainable) * grad_bytes                           (4: grad_reduce_in_fp32=True)
+      grad cast  = 4 * trainable / group when grad_bytes < 4: the step's fp32 copy of the gradient shards
       optimizer  = trainable / group * (8 + (4 if param_bytes < 4 else 0))  (group = DP or EDP; 1 if not distributed)
       step temp  = 4 * the largest optimizer parameter group's shard: torch's foreach Adam makes one fp32
                    temporary per parameter group (sqrt(exp_avg_sq)) and steps the groups one after the other;
@@ -203,7 +214,7 @@ def model_state_bytes(chunks: Sequence[Sequence[ParamTensor]], *, param_bytes: i
                    or not (norms and biases)
     """
     frozen = set(frozen)
-    out = {"weights": 0, "gradients": 0, "optimizer": 0, "optimizer_step_temp": 0}
+    out = {"weights": 0, "gradients": 0, "optimizer": 0, "optimizer_step_temp": 0, "grad_cast_temp": 0}
     per_element_state = 8 + (4 if param_bytes < 4 else 0)
     groups: dict[tuple, int] = {}
     for chunk in chunks:
@@ -216,8 +227,10 @@ def model_state_bytes(chunks: Sequence[Sequence[ParamTensor]], *, param_bytes: i
             numels = [p.numel for p in trainable]
             buffer = padded_numel(numels, group) if distributed_optimizer else sum(numels)
             out["weights"] += buffer * param_bytes + frozen_n * param_bytes
-            out["gradients"] += buffer * 4
+            out["gradients"] += buffer * grad_bytes
             out["optimizer"] += math.ceil(sum(numels) / shard) * per_element_state
+            if grad_bytes < 4:
+                out["grad_cast_temp"] += math.ceil(sum(numels) / shard) * 4
             for p in trainable:
                 key = (expert, p.part, is_no_decay(p.name))
                 groups[key] = groups.get(key, 0) + p.numel / shard
@@ -459,20 +472,33 @@ def vision_activation_bytes(args, layout, patches: int, act_bytes: int, *, visio
 
 
 def dispatch_bytes(args, layout, tokens: int, act_bytes: int, *, moe_imbalance: float = 1.0) -> int:
-    """The alltoall token dispatcher's buffers of the layer being run: the permuted tokens it sends and the expert
-    outputs it receives back, each s_t * k * etp * imb rows of h elements: 2 * B * s_t * k * etp * imb * h
-    (s_t = s / (cp*tp): a CP rank dispatches its slice's tokens)."""
+    """The token dispatcher's buffers of the layer being run: the permuted tokens and the expert outputs, each
+    s_t * k * etp * imb rows of h elements: 2 * B * s_t * k * etp * imb * h (s_t = s / (cp*tp): a CP rank
+    dispatches its slice's tokens). At EP = ETP = 1 every expert is local: imb = 1 (the rows are s_t * k whatever
+    the load)."""
     t = args.text
-    rows = tokens / ((layout.cp or 1) * layout.tp) * t.num_experts_per_tok * layout.etp * moe_imbalance
+    imbalance = 1.0 if layout.ep == 1 and layout.etp == 1 else moe_imbalance
+    rows = tokens / ((layout.cp or 1) * layout.tp) * t.num_experts_per_tok * layout.etp * imbalance
     return int(2 * act_bytes * rows * t.hidden_size)
 
 
-def logits_bytes(args, layout, tokens: int, act_bytes: int) -> int:
+def logits_bytes(args, layout, tokens: int, act_bytes: int, *, chunk_tokens: int = 0) -> int:
     """Last stage: the LM head's logits [s, V/tp] in B bytes and the fp32 copy the vocab-parallel cross entropy
     turns into its saved softmax in place: s * V/tp * (B + 4) (4 when the model is fp32: no copy); with context
-    parallelism each CP rank computes the logits of its slice only: s/cp rows."""
+    parallelism each CP rank computes the logits of its slice only: s/cp rows.
+
+    At TP=1 with `chunk_tokens` > 0 (lm_loss.py) at most c = min(chunk_tokens, s/cp) rows of logits (B) and their
+    fp32 log-softmax (4) exist at once, and the backward's vocabulary slices are no larger; it keeps 8 bytes per
+    token (row maximum, log-normaliser) and sums the hidden gradient in fp32 (4 * h per token, plus one B * h
+    product per token when B < 4): c * V * (B + 4) + s/cp * (8 + 4h + (B h if B < 4))."""
+    rows = tokens / (layout.cp or 1)
+    vocab = args.text.vocab_size
+    if layout.tp == 1 and chunk_tokens > 0:
+        h = args.text.hidden_size
+        per_token = 8 + 4 * h + (act_bytes * h if act_bytes < 4 else 0)
+        return int(min(chunk_tokens, rows) * vocab * (act_bytes + 4) + rows * per_token)
     per = 4 + (act_bytes if act_bytes < 4 else 0)
-    return int(tokens / (layout.cp or 1) * args.text.vocab_size / layout.tp * per)
+    return int(rows * vocab / layout.tp * per)
 
 
 # -- a run --------------------------------------------------------------------------------------------------------
@@ -497,6 +523,8 @@ class RunShape:
     adam: str = "fused"
     lora: object = None  # lora_sites.LoRAShape with peft=lora (base frozen, adapters train), else None
     vision_microbatches: int = 1  # micro-batches per ViT call (model.vision_microbatches; 0: all of a step's)
+    grad_bytes: int = 4  # DDP's gradient buffers (optim.grad_dtype: fp32 4, bf16 2)
+    loss_chunk_tokens: int = 0  # model.loss_chunk_tokens (TP=1: the LM head's loss in row chunks; 0: whole)
 
     @property
     def dp(self) -> int:
@@ -542,22 +570,26 @@ def from_config(cfg, *, world_size: int | None = None, image_share: float = 0.25
         seq_length=cfg.data.seq_length, micro_batch_size=cfg.data.micro_batch_size, packing=cfg.data.packing,
         microbatches=microbatches, distributed_optimizer=cfg.optim.distributed_optimizer,
         image_share=image_share, moe_imbalance=moe_imbalance, adam=adam, lora=lora_sites.LoRAShape.of(cfg.peft),
-        vision_microbatches=cfg.model.vision_microbatches)
+        vision_microbatches=cfg.model.vision_microbatches,
+        grad_bytes=2 if cfg.optim.get("grad_dtype", "fp32") == "bf16" else 4,
+        loss_chunk_tokens=int(cfg.model.get("loss_chunk_tokens", 0)))
 
 
 def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
                  micro_batch_size: int | None = None) -> dict[str, int]:
     """Bytes by category on pipeline rank `pp_rank`, and `total` = weights + gradients + optimizer
-    + max(activations + vit + moe_dispatch + logits, optimizer_step_temp if adam == "torch" else 0).
-    optimizer_step_temp is always reported (what torch's foreach Adam would add at the step); it counts in the
-    total only with adam="torch" (Apex / Transformer-Engine fused Adam has none)."""
+    + max(activations + vit + moe_dispatch + logits, optimizer_step_temp if adam == "torch" else its gradient cast).
+    optimizer_step_temp is always reported (what torch's foreach Adam would add at the step, plus the fp32 copy of
+    bf16 gradients); the foreach part counts in the total only with adam="torch" (Apex / Transformer-Engine fused
+    Adam has none)."""
     args, layout = run.args, run.layout
     seq = seq_length or run.seq_length
     mbs = micro_batch_size or run.micro_batch_size
     tokens = seq * mbs
     chunks = stage_chunks(args, layout, pp_rank, run.lora)
     state = model_state_bytes(chunks, param_bytes=run.param_bytes, frozen=run.frozen, dp=run.dp, edp=run.edp,
-                              distributed_optimizer=run.distributed_optimizer, lora=run.lora is not None)
+                              distributed_optimizer=run.distributed_optimizer, lora=run.lora is not None,
+                              grad_bytes=run.grad_bytes)
     first = pp_rank == 0
     last = pp_rank == layout.pp - 1
     act_bytes = run.param_bytes
@@ -591,10 +623,12 @@ def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,
         vit = int((one["saved"] + features) * alive + one["working"] + gathered)
     out["vit"] = vit
     out["moe_dispatch"] = dispatch_bytes(args, layout, tokens, act_bytes, moe_imbalance=run.moe_imbalance)
-    out["logits"] = logits_bytes(args, layout, tokens, act_bytes) if last else 0
+    out["logits"] = logits_bytes(args, layout, tokens, act_bytes, chunk_tokens=run.loss_chunk_tokens) if last else 0
     static = out["weights"] + out["gradients"] + out["optimizer"]
     running = out["activations"] + out["vit"] + out["moe_dispatch"] + out["logits"]
-    step_temp = out["optimizer_step_temp"] if run.adam == "torch" else 0
+    cast = out.pop("grad_cast_temp")  # bf16 gradient buffers: the step's fp32 copy, with either Adam
+    out["optimizer_step_temp"] += cast
+    step_temp = out["optimizer_step_temp"] if run.adam == "torch" else cast
     out["total"] = static + max(running, step_temp)
     return out
 

@@ -510,6 +510,28 @@ def test_recompute_and_freezing_reduce_memory():
     assert frozen["vit"] < totals["full"]["vit"]
 
 
+def test_bf16_gradients_chunked_loss_and_local_dispatch_are_planned():
+    """optim.grad_dtype=bf16 halves DDP's gradient buffers and adds the step's fp32 copy of the gradient shards; at
+    TP=1 the chunked LM loss keeps one chunk's logits (model.loss_chunk_tokens; 0: the whole micro-batch's); at
+    EP = ETP = 1 the dispatch buffers do not grow with the load imbalance (every expert is local)."""
+    one = ["experiment=sft_30b_a3b_2x8xh100", "parallel=single", "model.dtype=bf16", "data.seq_length=4096"]
+    fp32 = memory.from_config(compose(one), world_size=1)
+    bf16 = memory.from_config(compose(one + ["optim.grad_dtype=bf16"]), world_size=1)
+    a, b = memory.stage_memory(fp32, 0), memory.stage_memory(bf16, 0)
+    assert b["gradients"] * 2 == a["gradients"]
+    trainable = sum(p.numel for c in memory.stage_chunks(fp32.args, fp32.layout, 0) for p in c)  # DP = EDP = 1
+    assert b["optimizer_step_temp"] == a["optimizer_step_temp"] + 4 * trainable
+    running = sum(b[k] for k in ("activations", "vit", "moe_dispatch", "logits"))
+    assert b["total"] == b["weights"] + b["gradients"] + b["optimizer"] + max(running, 4 * trainable)
+    t = fp32.args.text
+    assert fp32.loss_chunk_tokens == 384 and fp32.layout.tp == 1
+    assert a["logits"] == 384 * t.vocab_size * (2 + 4) + 4096 * (8 + 4 * t.hidden_size + 2 * t.hidden_size)
+    whole = memory.stage_memory(memory.from_config(compose(one + ["model.loss_chunk_tokens=0"]), world_size=1), 0)
+    assert whole["logits"] == 4096 * t.vocab_size * (2 + 4) > 8 * a["logits"]
+    skewed = memory.RunShape(**{**fp32.__dict__, "moe_imbalance": 2.0})
+    assert memory.stage_memory(skewed, 0)["moe_dispatch"] == a["moe_dispatch"]
+
+
 # -- presets -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_preset_fits_under_90_percent_of_80_gib(name):

@@ -1,7 +1,9 @@
 """The chunked LM-head cross-entropy (qwenvl_mcore/models/qwen3_vl_moe/lm_loss.py) against the unchunked head it
 replaces at TP=1 (megatron's `matmul(hidden, weight.t())`, then `cross_entropy(logits.float())`, 0 where ignored):
-per-token losses bitwise equal, hidden and weight gradients within 1e-6 relative (fp32, CPU), for any upstream
-gradient; and the model's LM head both ways (one 1-rank launch)."""
+per-token losses and hidden and weight gradients within 1e-6 relative (fp32, CPU), for any upstream gradient; and the
+model's LM head both ways (one 1-rank launch). The losses are often bitwise equal, but not always: a BLAS may sum
+a chunk's rows in another order than the same rows of the whole product (MKL on an AMD EPYC with AVX-512 differs
+by about 1e-7 relative in two of the cases below), so they are held to the same 1e-6 as the gradients."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from qwenvl_mcore.testing.dist import run_on_ranks
 
 IGNORE = -100
 GRAD_TOL = 1e-6
+LOSS_TOL = 1e-6
 
 
 def _unchunked(hidden, weight, labels):
@@ -27,6 +30,11 @@ def _unchunked(hidden, weight, labels):
 
 def _relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def _same_losses(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Per-token losses within LOSS_TOL of the largest, and exactly 0 wherever the reference is (ignored tokens)."""
+    return ours.shape == ref.shape and _relative(ours, ref) <= LOSS_TOL and bool(((ours == 0) == (ref == 0)).all())
 
 
 def _case(s, b, h, vocab, *, seed=0, ignore_every=5, dtype=torch.float32, weight_std=0.3):
@@ -62,7 +70,7 @@ def test_losses_bitwise_and_gradients_match_unchunked(s, b, h, vocab, chunk):
     ref = _losses_and_grads(_unchunked, hidden, weight, labels, upstream)
     ours = _losses_and_grads(_chunked(chunk), hidden, weight, labels, upstream)
     assert ours[0].dtype == torch.float32 and ours[0].shape == (s, b)
-    assert torch.equal(ours[0], ref[0])
+    assert _same_losses(ours[0], ref[0])
     assert bool((ours[0][labels == IGNORE] == 0).all()) and bool((ours[0][labels != IGNORE] > 0).all())
     assert _relative(ours[1], ref[1]) <= GRAD_TOL
     assert _relative(ours[2], ref[2]) <= GRAD_TOL
@@ -86,7 +94,7 @@ def test_uniform_upstream_gradient_as_the_schedule_sums():
     for upstream in (torch.ones(33, 2), torch.full((33, 2), 1 / 57)):
         ref = _losses_and_grads(_unchunked, hidden, weight, labels, upstream)
         ours = _losses_and_grads(_chunked(10), hidden, weight, labels, upstream)
-        assert torch.equal(ours[0], ref[0])
+        assert _same_losses(ours[0], ref[0])
         assert _relative(ours[1], ref[1]) <= GRAD_TOL and _relative(ours[2], ref[2]) <= GRAD_TOL
 
 
@@ -117,7 +125,7 @@ def test_tied_weight_gets_embedding_and_head_gradients_summed():
         return loss.detach(), w.grad
 
     ref, ours = run(_unchunked), run(_chunked(4))
-    assert torch.equal(ours[0], ref[0])
+    assert _same_losses(ours[0], ref[0])
     assert _relative(ours[1], ref[1]) <= GRAD_TOL
 
 
@@ -142,7 +150,7 @@ def test_frozen_weight_and_no_grad():
     ref = _losses_and_grads(_unchunked, hidden, weight, labels, upstream)
     assert weight.grad is None and _relative(h.grad, ref[1]) <= GRAD_TOL
     with torch.no_grad():
-        assert torch.equal(token_losses(hidden, weight, labels, IGNORE, 4), ref[0])
+        assert _same_losses(token_losses(hidden, weight, labels, IGNORE, 4), ref[0])
 
 
 def test_bf16_logits_in_parameter_dtype_and_fp32_losses():
@@ -152,7 +160,7 @@ def test_bf16_logits_in_parameter_dtype_and_fp32_losses():
     ref = _losses_and_grads(_unchunked, hidden, weight, labels, upstream)
     ours = _losses_and_grads(_chunked(16), hidden, weight, labels, upstream)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == torch.bfloat16
-    assert torch.equal(ours[0], ref[0])
+    assert _same_losses(ours[0], ref[0])
     assert _relative(ours[1].float(), ref[1].float()) <= 2e-2
     assert _relative(ours[2].float(), ref[2].float()) <= 2e-2
 
@@ -240,7 +248,7 @@ def _model_checks(rank: int, world: int) -> dict:
             (ref, ref_grads), (ours, grads) = results[0], results[5]
             head = "embedding.weight" if tied else "output_layer.weight"
             out[(tied, name)] = {
-                "losses_equal": torch.equal(ours, ref),
+                "losses_equal": _same_losses(ours, ref),
                 "zero_where_ignored": bool((ours[batch.labels == IGNORE] == 0).all()),
                 "same_params": sorted(grads) == sorted(ref_grads),
                 "has_head_grad": head in grads,

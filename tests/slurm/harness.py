@@ -20,9 +20,10 @@ from jobs import ROOT, losses
 CGROUP_SKIPPED: list[str] = []
 
 
-def start_cluster(proctrack: str, root: Path):
+def start_cluster(proctrack: str, root: Path, *, fallback: str | None = None):
     """A started cluster (generator for fixtures). Under proctrack/cgroup a cluster that cannot start or run
-    `srun true` is the one accepted skip, with Slurm's reason; under linuxproc it fails the tests."""
+    `srun true` is recorded with Slurm's reason (CGROUP_SKIPPED) and replaced by a `fallback` cluster when one is
+    named, else it is the one accepted skip; under linuxproc it fails the tests."""
     cluster = Cluster(root, proctrack)
     try:
         cluster.start()
@@ -38,6 +39,10 @@ def start_cluster(proctrack: str, root: Path):
             reason = f"Slurm with ProctrackType=proctrack/cgroup (cgroup/v1) does not work: {e}"
             CGROUP_SKIPPED.append(reason.splitlines()[0])
             print(f"\n{reason}")
+            if fallback is not None:
+                print(f"[running under proctrack/{fallback} instead]")
+                yield from start_cluster(fallback, root / fallback)
+                return
             pytest.skip(reason)
         raise
     try:

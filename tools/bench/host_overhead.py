@@ -14,7 +14,8 @@ Counted per step (one step under the counting modes, after a warm-up step):
 - aten calls: every aten op that reaches a TorchDispatchMode (about one kernel launch each on a GPU; forward,
   backward and optimizer);
 - host syncs: what would block the host on a GPU (`SyncCounter` below has the list and the residency rule);
-- host ms: the median wall time of `--iters` steps without the counting modes. On the CPU this is the whole step
+- host ms: the median wall time of `--iters` steps without the counting modes, ours and transformers' taking
+  turns (drift in the machine's speed hits both alike). On the CPU this is the whole step
   (host work and arithmetic together; the widths are tiny so the arithmetic is small), with one intra-op thread.
   cpu_compat's device mode (CPU only: it intercepts every torch call, about a fifth of the step, and never runs
   on a GPU) is left out wherever the code allows: all of transformers' step, and our model's forward, ViT
@@ -486,16 +487,19 @@ def count(fn, host=()) -> SyncCounter:
     return counter
 
 
-def timed_ms(fn, iters: int) -> tuple[float, float]:
-    """Median wall and process CPU milliseconds of fn() over `iters` calls (the CPU time is steadier than the wall
-    time when other jobs share the cores)."""
-    wall, cpu = [], []
+def timed_ms(fns: dict, iters: int) -> dict[str, tuple[float, float]]:
+    """Median wall and process CPU milliseconds of each fn() over `iters` rounds; each round calls every fn once,
+    in turn, so that drift in the machine's speed (other jobs, a shared VM) hits them alike. The CPU time is
+    steadier than the wall time when other jobs share the cores."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(iters):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append((time.perf_counter() - start) * 1e3)
-        cpu.append((time.process_time() - start_cpu) * 1e3)
-    return statistics.median(wall), statistics.median(cpu)
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def step_config(a) -> dict:
@@ -572,9 +576,12 @@ def whole_step(a) -> dict:
         hf_optimizer.step()
 
     result = {}
-    for name, fn, host in (("ours", ours_step, ours_host), ("transformers", hf_step, ())):
+    steps = {"ours": ours_step, "transformers": hf_step}
+    for fn in steps.values():
         fn()  # warm-up: lazy state (optimizer states, caches) out of the way
-        ms, cpu_ms = timed_ms(fn, a.iters)
+    times = timed_ms(steps, a.iters)
+    for name, fn, host in (("ours", ours_step, ours_host), ("transformers", hf_step, ())):
+        ms, cpu_ms = times[name]
         counter = count(fn, host)
         result[name] = {"aten_calls": counter.aten_calls, "host_syncs": counter.host_syncs, "host_ms": round(ms, 1),
                         "cpu_ms": round(cpu_ms, 1),

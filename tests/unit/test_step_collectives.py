@@ -36,3 +36,23 @@ def _two_ranks(rank, world):
 def test_mean_aux_joins_the_all_reduce_on_a_rank_without_values():
     results = run_on_ranks(_two_ranks, 2)
     assert results == [[2.0, None, 1.0], [2.0, None, 1.0]]
+
+
+def test_reports_are_summed_on_the_device_with_one_host_read():
+    """The step's loss sums (and evaluation's token counts) over micro-batches: Python's float64 sum of the
+    micro-batches' values bit for bit, read on the host once rather than once per micro-batch."""
+    import torch
+
+    from qwenvl_mcore.testing.host_reads import HostReads
+    from qwenvl_mcore.training.step import _summed_on_device
+
+    g = torch.Generator().manual_seed(0)
+    reports = [{"loss_sum": torch.rand((), generator=g) * 10 ** e, "tokens": torch.tensor(n, dtype=torch.int)}
+               for e, n in ((2, 5), (-3, 0), (4, 7), (0, 3), (1, 11))]
+    keys = ("loss_sum", "tokens")
+    want = torch.tensor([sum(float(r[k]) for r in reports) for k in keys], dtype=torch.float64)
+    with HostReads() as mode:
+        got = _summed_on_device(reports, keys)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert mode.reads == ["cpu"]
+    assert torch.equal(_summed_on_device([], keys), torch.zeros(2, dtype=torch.float64))

@@ -19,9 +19,9 @@ Counted per step (one step under the counting modes, after a warm-up step):
   (host work and arithmetic together; the widths are tiny so the arithmetic is small), with one intra-op thread.
   cpu_compat's device mode (CPU only: it intercepts every torch call, about a fifth of the step, and never runs
   on a GPU) is left out wherever the code allows: all of transformers' step, and our model's forward, ViT
-  backward and optimizer step; megatron's schedule with the decoder's backward passes, and finalize_model_grads
-  keep it. The table (and `--json`) also gives the process CPU time of the step, steadier when other jobs
-  share the cores.
+  backward and optimizer step; megatron's schedule code and finalize_model_grads keep it (autograd's backward,
+  hooks included, never runs under a TorchFunctionMode). The table (and `--json`) also gives the process CPU time
+  of the step, steadier when other jobs share the cores.
 Calls and syncs are also split by phase: "optimizer" (ours: training/optimizer_step.py's prepare and step, or
 megatron's prepare_grads, get_grad_norm and step where it falls back;
 transformers: clip_grad_norm_ and AdamW.step) and "forward+backward" (the rest, DDP's gradient hooks and finalize

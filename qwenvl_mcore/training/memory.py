@@ -571,8 +571,7 @@ def from_config(cfg, *, world_size: int | None = None, image_share: float = 0.25
         microbatches=microbatches, distributed_optimizer=cfg.optim.distributed_optimizer,
         image_share=image_share, moe_imbalance=moe_imbalance, adam=adam, lora=lora_sites.LoRAShape.of(cfg.peft),
         vision_microbatches=cfg.model.vision_microbatches,
-        grad_bytes=2 if cfg.optim.get("grad_dtype", "fp32") == "bf16" else 4,
-        loss_chunk_tokens=int(cfg.model.get("loss_chunk_tokens", 0)))
+        grad_bytes=2 if cfg.optim.grad_dtype == "bf16" else 4, loss_chunk_tokens=cfg.model.loss_chunk_tokens)
 
 
 def stage_memory(run: RunShape, pp_rank: int, *, seq_length: int | None = None,

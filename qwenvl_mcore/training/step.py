@@ -114,15 +114,17 @@ def reduce_reports(reports: list, keys: tuple[str, ...] = ("loss_sum",)) -> torc
 def _summed_on_device(reports: list, keys: tuple[str, ...]) -> torch.Tensor:
     """Per key, the reports' values summed in float64 in micro-batch order, [len(keys)] on the host: the numbers of
     Python's sum of their floats, with one host read for all micro-batches rather than one per micro-batch."""
-    values = [r[k] for k in keys for r in reports]
-    if not values or not all(torch.is_tensor(v) for v in values):
+    if not reports or not all(torch.is_tensor(r[k]) for r in reports for k in keys):
         return torch.tensor([sum(float(r[k]) for r in reports) for k in keys], dtype=torch.float64)
+
+    def as_float64(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().reshape(()).to(torch.float64)  # exact, as float() of an fp32 or int value
+
     sums = []
-    for i in range(len(keys)):
-        acc = None
-        for v in values[i * len(reports):(i + 1) * len(reports)]:
-            v = v.detach().reshape(()).to(torch.float64)  # exact, as float() of an fp32 or int value
-            acc = v if acc is None else acc + v
+    for k in keys:
+        acc = as_float64(reports[0][k])
+        for r in reports[1:]:
+            acc = acc + as_float64(r[k])
         sums.append(acc)
     return torch.stack(sums).cpu()
 

@@ -17,10 +17,10 @@ Counted per step (one step under the counting modes, after a warm-up step):
 - host ms: the median wall time of `--iters` steps without the counting modes, ours and transformers' taking
   turns (drift in the machine's speed hits both alike). On the CPU this is the whole step
   (host work and arithmetic together; the widths are tiny so the arithmetic is small), with one intra-op thread.
-  cpu_compat's device mode (CPU only: it intercepts every torch call, about a fifth of the step, and never runs
-  on a GPU) is left out wherever the code allows: all of transformers' step, and our model's forward, ViT
-  backward and optimizer step; megatron's schedule code and finalize_model_grads keep it (autograd's backward,
-  hooks included, never runs under a TorchFunctionMode). The table (and `--json`) also gives the process CPU time
+  cpu_compat's device mode (CPU only: it intercepts every torch call, about 1.5 us each, and never runs on a
+  GPU) is left out wherever the code allows: all of transformers' step, and our model's forward and optimizer
+  step; megatron's schedule code and finalize_model_grads keep it (autograd's backward, hooks included, never runs
+  under a TorchFunctionMode). The table (and `--json`) also gives the process CPU time
   of the step, steadier when other jobs share the cores.
 Calls and syncs are also split by phase: "optimizer" (ours: training/optimizer_step.py's prepare and step, or
 megatron's prepare_grads, get_grad_norm and step where it falls back;
@@ -543,10 +543,6 @@ def whole_step(a) -> dict:
     # CPU-only device mode, which megatron's schedule around it needs (`device="cuda"` literals)
     model = unwrap(chunks[0])
     model.forward = without_device_mode(model.forward)
-    from qwenvl_mcore.models.qwen3_vl_moe.vision_batch import VisionBatches
-
-    # likewise the ViT's one backward per step (this process's class: the bench is its only user)
-    VisionBatches._backward = without_device_mode(VisionBatches._backward)
     for method in ("prepare_grads", "get_grad_norm", "step"):
         setattr(optimizer, method, in_phase("optimizer", getattr(optimizer, method)))
     micro = [ours for ours, _ in rows]
